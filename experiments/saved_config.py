@@ -1,0 +1,15 @@
+"""Loads a run directory's config.json as a config file (used to continue runs).
+
+`python -m experiments --workdir DIR` without --config is rewritten to
+`--config experiments/saved_config.py:DIR/config.json`, so `--config.key=value`
+overrides apply to the saved config with the usual type checks.
+"""
+
+import json
+
+import ml_collections
+
+
+def get_config(path: str) -> ml_collections.ConfigDict:
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,3 @@
+"""moejax: Mixture-of-Experts language models in JAX/Flax."""
+
+__version__ = "0.1.0"

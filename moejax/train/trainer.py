@@ -1,0 +1,242 @@
+"""The training loop: one jitted step, periodic eval, logs, checkpoints, summary.
+
+`prepare(cfg)` validates the config and builds the data (fails fast with a
+ConfigError / ValueError before anything compiles); `train(cfg, workdir)`
+runs or resumes the run in `workdir` (DESIGN section 4) and returns the
+summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from moejax import model as lm
+from moejax.config import validate
+from moejax.model.transformer import layer_plan
+from moejax.train import data as data_lib
+from moejax.train.checkpoint import Checkpointer
+from moejax.train.optimizer import lr_schedule, make_optimizer
+from moejax.train.progress import Progress
+from moejax.train.writers import MetricWriter
+
+State = dict[str, Any]  # step, params, opt_state, collections, wall_seconds
+
+
+def prepare(cfg: ml_collections.ConfigDict) -> data_lib.LMData:
+  """Validate the config and load the data; raises before any compilation."""
+  validate(cfg)
+  if cfg.model.vocab_size < data_lib.VOCAB_SIZE:
+    raise ValueError(f"config key model.vocab_size={cfg.model.vocab_size} is invalid: "
+                     f"must be >= {data_lib.VOCAB_SIZE} (bytes + BOS + EOS)")
+  data = data_lib.make_data(cfg.data.path, cfg.train.seq_len, cfg.data.val_fraction,
+                            cfg.seed)
+  data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)  # checks sizes
+  return data
+
+
+def moe_layer_indices(cfg: ml_collections.ConfigDict) -> list[int]:
+  """Model layer index of each MoE layer, in the order aux arrays are stacked."""
+  n_dense, n_periods = layer_plan(cfg)
+  return [n_dense + p * cfg.moe.every for p in range(n_periods)]
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy in nats, float32."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV.astype(jnp.float32), targets_BxL))
+
+
+def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
+  """Cross-entropy plus the weighted auxiliary losses summed over MoE layers."""
+  losses = aux["losses"]
+  if not losses:
+    return ce
+  return (ce + moe_cfg.aux_loss_weight * jnp.sum(losses["load_balance"])
+          + moe_cfg.z_loss_weight * jnp.sum(losses["z_loss"]))
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  model = lm.make_model(cfg, deterministic=False)
+  schedule = lr_schedule(cfg.train)
+
+  def loss_fn(params, collections, batch, rng):
+    logits, aux = model.apply({"params": params, **collections}, batch["inputs"],
+                              rngs={"router": rng})
+    ce = cross_entropy(logits, batch["targets"])
+    return total_loss(ce, aux, cfg.moe), (ce, aux)
+
+  def step_fn(state: State, batch: dict) -> tuple[State, dict]:
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
+    (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["collections"], batch, rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {**state, "step": state["step"] + 1,
+                 "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state}
+    metrics = {"train/loss": ce, "train/total_loss": loss,
+               "train/grad_norm": optax.tree.norm(grads),
+               "train/lr": schedule(state["step"])}
+    for k, v in aux["losses"].items():
+      metrics[f"train/{k}"] = jnp.sum(v)
+    return new_state, {"scalars": metrics, "moe": {**aux["losses"], **aux["metrics"]}}
+
+  return jax.jit(step_fn, donate_argnums=0)
+
+
+def make_eval_step(cfg: ml_collections.ConfigDict):
+  model = lm.make_model(cfg, deterministic=True)
+
+  @jax.jit
+  def eval_step(params, collections, batch):
+    logits, _ = model.apply({"params": params, **collections}, batch["inputs"])
+    nats = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"])
+    return jnp.sum(nats), nats.size
+
+  return eval_step
+
+
+def evaluate(eval_step, state: State, batches: list[dict]) -> dict[str, float]:
+  total, count = 0.0, 0
+  for b in batches:
+    s, n = eval_step(state["params"], state["collections"],
+                     {"inputs": b["inputs"], "targets": b["targets"]})
+    total += float(s)
+    count += int(n)
+  loss = total / count
+  return {"val/loss": loss, "val/bpb": data_lib.bits_per_byte(loss)}
+
+
+def init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> State:
+  variables = lm.init(jax.random.key(cfg.seed), cfg)
+  params = variables["params"]
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": tx.init(params),
+          "collections": {k: v for k, v in variables.items() if k != "params"},
+          "wall_seconds": jnp.zeros((), jnp.float32)}
+
+
+def flatten_moe_metrics(moe: dict, layers: list[int]) -> dict[str, float]:
+  """Stacked per-MoE-layer arrays -> {"moe/layer{i}/{name}[/e{j}]": value}."""
+  out = {}
+  for name, v in moe.items():
+    v = np.asarray(v)
+    for row, layer in zip(v, layers):
+      if row.ndim == 0:
+        out[f"moe/layer{layer}/{name}"] = float(row)
+      else:
+        for j, x in enumerate(row):
+          out[f"moe/layer{layer}/{name}/e{j}"] = float(x)
+  return out
+
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+
+@dataclasses.dataclass
+class _Clock:
+  t: float = dataclasses.field(default_factory=time.time)
+  step: int = 0
+
+  def lap(self, step: int) -> tuple[float, int]:
+    now = time.time()
+    dt, n = now - self.t, step - self.step
+    self.t, self.step = now, step
+    return dt, n
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str,
+          data: data_lib.LMData | None = None) -> dict:
+  """Train (or resume) the run in `workdir`; returns the summary dict."""
+  t_start = time.time()
+  data = data or prepare(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  write_config(cfg, workdir)
+  t = cfg.train
+  tokens_per_step = t.batch_size * t.seq_len
+  tx = make_optimizer(t)
+  state = init_state(cfg, tx)
+  ckpt = Checkpointer(workdir, t.keep_checkpoints)
+  it = data.train_iterator(t.batch_size, cfg.seed)
+  start = ckpt.latest_step() or 0
+  if start:
+    state, data_state = ckpt.restore(start, state)
+    it.set_state(data_state)
+    print(f"resumed from {workdir}/checkpoints/{start}")
+  writer = MetricWriter(workdir, resume_step=start)
+  train_step = make_train_step(cfg, tx)
+  eval_step = make_eval_step(cfg)
+  val = data.val_batches(t.batch_size, t.eval_batches)
+  layers = moe_layer_indices(cfg)
+  prior_wall = float(state["wall_seconds"])
+  progress = Progress(t.steps, start, every=t.log_every * 10)
+  clock = _Clock(step=start)
+  last_eval: dict[str, float] = {}
+  step = start
+  first = True
+  while step < t.steps:
+    batch = next(it)
+    state, out = train_step(state, {"inputs": batch["inputs"], "targets": batch["targets"]})
+    step += 1
+    if first:  # exclude compilation from the measured throughput
+      jax.block_until_ready(out)
+      clock.lap(step)
+    if step % t.log_every == 0 or step == t.steps or step == 1:
+      scalars = {k: float(v) for k, v in jax.device_get(out["scalars"]).items()}
+      dt, n = clock.lap(step)
+      if n > 0:
+        scalars["perf/step_time_s"] = dt / n
+        scalars["perf/tokens_per_second"] = n * tokens_per_step / dt
+      moe = jax.device_get(out["moe"])
+      scalars.update(flatten_moe_metrics(moe, layers))
+      writer.scalars(step, scalars)
+      progress.update(step, loss=scalars["train/loss"],
+                      **({"tok/s": scalars["perf/tokens_per_second"]}
+                         if "perf/tokens_per_second" in scalars else {}))
+    first = False
+    if step % t.eval_every == 0 or step == t.steps:
+      last_eval = evaluate(eval_step, state, val)
+      writer.scalars(step, last_eval)
+      if layers:
+        load = np.asarray(jax.device_get(out["moe"]["load"]))
+        writer.heatmap(step, "moe/load_layer_x_expert", load)
+        for row, layer in zip(load, layers):
+          writer.histogram(step, f"moe/layer{layer}/load_hist", row)
+      clock.lap(step)  # eval time is not training throughput
+    if step % t.checkpoint_every == 0 or step == t.steps:
+      state["wall_seconds"] = jnp.asarray(prior_wall + time.time() - t_start, jnp.float32)
+      ckpt.save(step, state, it.get_state())
+  progress.close()
+  if not last_eval:  # resumed a finished run: evaluate again for the summary
+    last_eval = evaluate(eval_step, state, val)
+  ckpt.close()
+  writer.close()
+  wall = prior_wall + time.time() - t_start
+  counts = lm.param_counts(cfg)
+  summary = {
+      "name": cfg.name,
+      "final_val_loss": last_eval["val/loss"],
+      "final_val_bpb": last_eval["val/bpb"],
+      "params_total": counts["params_total"],
+      "params_active": counts["params_active"],
+      "flops_per_token": lm.flops_per_token(cfg),
+      "tokens_seen": int(step) * tokens_per_step,
+      "steps": int(step),
+      "wall_seconds": wall,
+      "tokens_per_second": int(step) * tokens_per_step / max(wall, 1e-9),
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary

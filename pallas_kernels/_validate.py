@@ -1,0 +1,98 @@
+"""Argument checks for gmm / tgmm: fail early, naming argument, value, and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _dtype_names() -> str:
+  return ", ".join(str(d) for d in SUPPORTED_DTYPES)
+
+
+def check_array(name: str, x: Any, ndim: int, shape_doc: str) -> None:
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise ValueError(f"{name} must be an array of rank {ndim} {shape_doc}, "
+                     f"got {type(x).__name__}")
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must have rank {ndim} {shape_doc}, got shape "
+                     f"{tuple(x.shape)} (rank {x.ndim})")
+  if any(d == 0 for d in x.shape):
+    raise ValueError(f"{name} must have no zero-sized dimension, got shape "
+                     f"{tuple(x.shape)}")
+
+
+def check_float(name: str, x: jax.Array) -> None:
+  if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+    raise ValueError(f"{name} has dtype {x.dtype}; supported dtypes are "
+                     f"{_dtype_names()}")
+
+
+def out_dtype(preferred_element_type: Any, lhs_dtype) -> jnp.dtype:
+  if preferred_element_type is None:
+    return jnp.dtype(lhs_dtype)
+  try:
+    dt = jnp.dtype(preferred_element_type)
+  except TypeError as e:
+    raise ValueError(f"preferred_element_type={preferred_element_type!r} is "
+                     f"not a dtype; allowed: None, {_dtype_names()}") from e
+  if dt not in SUPPORTED_DTYPES:
+    raise ValueError(f"preferred_element_type={dt} is not supported; allowed: "
+                     f"None, {_dtype_names()}")
+  return dt
+
+
+def check_group_sizes(group_sizes: Any, m: int) -> None:
+  """Rank/dtype always; non-negativity and sum <= m when the values are concrete."""
+  check_array("group_sizes", group_sizes, 1, "[num_groups]")
+  if jnp.dtype(group_sizes.dtype) != jnp.int32:
+    raise ValueError(f"group_sizes has dtype {group_sizes.dtype}; it must be "
+                     "int32")
+  if isinstance(group_sizes, jax.core.Tracer):
+    return  # Traced: documented clipping behaviour applies.
+  sizes = np.asarray(group_sizes)
+  if (sizes < 0).any():
+    raise ValueError(f"group_sizes must be non-negative, got {sizes.tolist()}")
+  total = int(sizes.sum())
+  if total > m:
+    raise ValueError(f"group_sizes sums to {total}, more than the {m} rows of "
+                     "lhs; allowed: sum(group_sizes) <= m")
+
+
+def check_group_offset(group_offset: Any, num_total: int,
+                       num_local: int) -> jax.Array:
+  """Returns group_offset as an int32 scalar array (0 when None)."""
+  if group_offset is None:
+    return jnp.zeros((), jnp.int32)
+  if isinstance(group_offset, (int, np.integer)):
+    group_offset = np.int32(group_offset)
+  if not hasattr(group_offset, "shape") or group_offset.shape not in ((), (1,)):
+    raise ValueError("group_offset must be an int or an int32 scalar array, "
+                     f"got {group_offset!r}")
+  if not jnp.issubdtype(group_offset.dtype, jnp.integer):
+    raise ValueError(f"group_offset has dtype {group_offset.dtype}; it must be "
+                     "an integer (int32)")
+  if not isinstance(group_offset, jax.core.Tracer):
+    off = int(np.asarray(group_offset).reshape(()))
+    if off < 0 or off + num_local > num_total:
+      raise ValueError(
+          f"group_offset={off} with {num_local} local groups needs groups "
+          f"[{off}, {off + num_local}) but group_sizes has {num_total}; allowed:"
+          f" 0 <= group_offset <= {num_total - num_local}")
+  return jnp.asarray(group_offset, jnp.int32).reshape(())
+
+
+def check_tiling(tiling: Any) -> tuple[int, int, int] | None:
+  if tiling is None:
+    return None
+  ok = (isinstance(tiling, (tuple, list)) and len(tiling) == 3 and
+        all(isinstance(t, (int, np.integer)) and t >= 1 for t in tiling))
+  if not ok:
+    raise ValueError(f"tiling={tiling!r} must be None or a tuple of three "
+                     "positive ints (tm, tk, tn)")
+  return tuple(int(t) for t in tiling)

@@ -1,0 +1,38 @@
+"""Shared test fixtures: tiny configs that compile and run in seconds on CPU."""
+
+from __future__ import annotations
+
+import ml_collections
+import pytest
+
+from moejax.config import default_config
+
+
+def tiny_config(**moe_overrides) -> ml_collections.ConfigDict:
+  """A 2-layer, d=32 MoE LM (E=4, k=2) on 16-token sequences."""
+  c = default_config()
+  c.name = "tiny"
+  c.model.d_model = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.ffn_hidden = 64
+  c.moe.num_experts = 4
+  c.moe.top_k = 2
+  c.moe.expert_hidden = 32
+  for k, v in moe_overrides.items():
+    c.moe[k] = v
+  c.train.steps = 30
+  c.train.batch_size = 8
+  c.train.seq_len = 16
+  c.train.warmup_steps = 5
+  c.train.lr = 1e-2
+  c.train.log_every = 5
+  c.train.eval_every = 10
+  c.train.eval_batches = 2
+  c.train.checkpoint_every = 10
+  return c
+
+
+@pytest.fixture
+def tiny() -> ml_collections.ConfigDict:
+  return tiny_config()

@@ -1,0 +1,123 @@
+"""The decoder-only Transformer: causality, layer plan, counts, dtypes, remat."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import model as lm
+from moejax.model.transformer import layer_plan
+from tests.conftest import tiny_config
+
+
+def _ids(cfg, seed=0, batch=2):
+  return jax.random.randint(jax.random.key(seed), (batch, cfg.train.seq_len), 0, 256)
+
+
+@pytest.mark.parametrize("dispatch,moe", [("dropless", True), ("dense", True),
+                                          ("capacity", True), (None, False)])
+def test_causal(dispatch, moe):
+  """Logits at positions <= t do not change when tokens after t change."""
+  cfg = tiny_config()
+  cfg.moe.enabled = moe
+  if dispatch:
+    cfg.moe.dispatch = dispatch
+    cfg.moe.capacity_factor = 4.0  # no drops: dropping couples tokens batch-wide
+  variables = lm.init(jax.random.key(1), cfg)
+  ids = _ids(cfg)
+  t = 6
+  ids2 = ids.at[:, t + 1:].set((ids[:, t + 1:] + 17) % 256)
+  a, b = lm.apply(variables, ids, cfg)[0], lm.apply(variables, ids2, cfg)[0]
+  np.testing.assert_array_equal(np.asarray(a[:, :t + 1]), np.asarray(b[:, :t + 1]))
+  assert not np.allclose(a[:, t + 1:], b[:, t + 1:])  # the change is visible later
+
+
+def test_layer_plan_and_param_stacks():
+  cfg = tiny_config()
+  cfg.model.num_layers = 5
+  cfg.moe.first_dense_layers = 1
+  cfg.moe.every = 2
+  assert layer_plan(cfg) == (1, 2)
+  p = lm.init(jax.random.key(0), cfg)["params"]
+  assert p["dense_layers"]["block0"]["ffn"]["w_up"].shape == (1, 32, 64)
+  period = p["moe_layers"]
+  assert period["block0"]["moe"]["experts"]["w_up"].shape == (2, 4, 32, 32)
+  assert period["block1"]["ffn"]["w_up"].shape == (2, 32, 64)
+  _, aux = lm.apply({"params": p}, _ids(cfg), cfg)
+  assert aux["losses"]["load_balance"].shape == (2,)
+  assert aux["metrics"]["load"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"moe.enabled": False}, {"model.tie_embeddings": True},
+    {"moe.num_shared_experts": 2}, {"moe.first_dense_layers": 1, "model.num_layers": 3},
+    {"moe.every": 2, "model.num_layers": 4},
+])
+def test_param_counts_match_init(overrides):
+  cfg = tiny_config()
+  for k, v in overrides.items():
+    sect, key = k.split(".")
+    cfg[sect][key] = v
+  p = jax.eval_shape(lambda k: lm.init(k, cfg), jax.random.key(0))["params"]
+  counts = lm.param_counts(cfg)
+  assert counts["params_total"] == sum(x.size for x in jax.tree.leaves(p))
+  if cfg.moe.enabled:
+    n_moe = layer_plan(cfg)[1]
+    inactive = n_moe * (cfg.moe.num_experts - cfg.moe.top_k) * 3 * 32 * cfg.moe.expert_hidden
+    assert counts["params_active"] == counts["params_total"] - inactive
+  else:
+    assert counts["params_active"] == counts["params_total"]
+
+
+def test_flops_per_token_formula():
+  cfg = tiny_config()
+  c = lm.param_counts(cfg)
+  m = cfg.model
+  expected = (6 * (c["params_active"] - c["params_embedding"] + m.vocab_size * m.d_model)
+              + 6 * m.num_layers * cfg.train.seq_len * m.d_model)
+  assert lm.flops_per_token(cfg) == expected
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_bfloat16_close_to_float32(moe):
+  cfg = tiny_config(num_experts=2, top_k=2)  # k = E: no discrete routing flips
+  cfg.moe.enabled = moe
+  variables = lm.init(jax.random.key(0), cfg)
+  ids = _ids(cfg)
+  a, _ = lm.apply(variables, ids, cfg)
+  cfg.model.dtype = "bfloat16"
+  b, _ = lm.apply(variables, ids, cfg)
+  assert b.dtype == jnp.float32
+  assert jax.tree.leaves(variables)[0].dtype == jnp.float32  # params stay float32
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.1, rtol=0.05)
+  assert not np.array_equal(np.asarray(a), np.asarray(b))  # bf16 really used
+
+
+def test_remat_same_values_and_grads():
+  cfg = tiny_config()
+  variables = lm.init(jax.random.key(0), cfg)
+  ids = _ids(cfg)
+
+  def loss(params, c):
+    logits, _ = lm.apply({"params": params}, ids, c)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  g1 = jax.grad(loss)(variables["params"], cfg)
+  cfg.model.remat = True
+  g2 = jax.grad(loss)(variables["params"], cfg)
+  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_jitter_only_in_training():
+  cfg = tiny_config()
+  cfg.moe.topk.jitter = 0.1
+  variables = lm.init(jax.random.key(0), cfg)
+  ids = _ids(cfg)
+  a, _ = lm.apply(variables, ids, cfg)
+  b, _ = lm.apply(variables, ids, cfg)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c, _ = lm.apply(variables, ids, cfg, rng=jax.random.key(3))
+  assert not np.allclose(np.asarray(a), np.asarray(c))

@@ -1,0 +1,284 @@
+"""`MoELayer` end to end against NumPy and against a dense SwiGLU."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from moejax.config import default_config
+from moejax.layers import swiglu
+from moejax.moe import MoELayer
+
+from . import reference as ref
+
+B, L, D, F = 2, 7, 8, 16  # T = 14 tokens
+
+LOSS_KEYS = {"load_balance", "z_loss"}
+METRIC_KEYS = {"load", "load_max_over_mean", "load_cv", "router_entropy",
+               "top1_prob", "experts_per_token", "dropped_fraction"}
+
+
+def _cfg(e=4, k=2, dispatch="dense", shared=0, order="softmax_topk",
+         renormalize=True, cf=1.25):
+  c = default_config().moe
+  c.num_experts, c.top_k, c.expert_hidden = e, k, F
+  c.dispatch, c.num_shared_experts, c.capacity_factor = dispatch, shared, cf
+  c.topk.order, c.topk.renormalize = order, renormalize
+  return ml_collections.FrozenConfigDict(c)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer(cfg, dtype="float32"):
+  layer = MoELayer(cfg, dtype=dtype)
+  return layer, jax.jit(layer.apply)
+
+
+def _x(seed=0):
+  return np.random.default_rng(seed).standard_normal((B, L, D)).astype(np.float32)
+
+
+def _init(cfg, x, seed=0):
+  layer, apply = _layer(cfg)
+  params = jax.jit(layer.init)(jax.random.key(seed), jnp.asarray(x))
+  return params, apply
+
+
+def _np_params(params):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+
+
+def _reference_layer(p, x, cfg):
+  """Whole layer in NumPy: gate, top-k, routed experts, shared experts, aux."""
+  x_TxD = np.asarray(x, np.float64).reshape(-1, D)
+  t = x_TxD.shape[0]
+  logits = x_TxD @ p["router"]["w_gate"]
+  tok, exp, wt, probs = ref.topk_route(logits, cfg.top_k, cfg.topk.order,
+                                       cfg.topk.renormalize)
+  valid = np.ones(len(tok), bool)
+  y = ref.moe(x_TxD, tok, exp, wt, valid, p["experts"])
+  if cfg.num_shared_experts:
+    s = p["shared"]
+    for i in range(t):
+      y[i] += ref.swiglu(x_TxD[i], s["w_gate"], s["w_up"], s["w_down"])
+  counts = ref.counts(exp, valid, cfg.num_experts)
+  losses = {"load_balance": ref.switch_load_balance(probs, counts),
+            "z_loss": ref.router_z_loss(logits)}
+  metrics = {**ref.load_metrics(counts), **ref.router_metrics(probs),
+             "experts_per_token": len(tok) / t, "dropped_fraction": 0.0}
+  return y.reshape(x.shape), losses, metrics
+
+
+def _assert_aux_schema(aux, e):
+  assert set(aux) == {"losses", "metrics"}
+  assert set(aux["losses"]) == LOSS_KEYS
+  assert set(aux["metrics"]) == METRIC_KEYS
+  for v in aux["losses"].values():
+    assert v.shape == () and v.dtype == jnp.float32
+  for k, v in aux["metrics"].items():
+    assert v.shape == ((e,) if k == "load" else ()), k
+    assert v.dtype == jnp.float32, k
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "dropless", "capacity"])
+@pytest.mark.parametrize("order", ["softmax_topk", "topk_softmax"])
+def test_single_expert_equals_dense_swiglu(dispatch, order):
+  cfg = _cfg(e=1, k=1, dispatch=dispatch, order=order, renormalize=False)
+  x = _x(1)
+  params, apply = _init(cfg, x)
+  y, aux = apply(params, jnp.asarray(x))
+  assert y.shape == (B, L, D) and y.dtype == jnp.float32
+  w = params["params"]["experts"]
+  assert w["w_gate"].shape == (1, D, F) and w["w_down"].shape == (1, F, D)
+  dense = swiglu(jnp.asarray(x), w["w_gate"][0], w["w_up"][0], w["w_down"][0],
+                 jnp.float32)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(dense), rtol=1e-5,
+                             atol=1e-5)
+  p = _np_params(params)
+  expected = np.stack([[ref.swiglu(x[b, l], p["experts"]["w_gate"][0],
+                                   p["experts"]["w_up"][0],
+                                   p["experts"]["w_down"][0])
+                        for l in range(L)] for b in range(B)])
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+  _assert_aux_schema(aux, 1)
+  m, lo = aux["metrics"], aux["losses"]
+  np.testing.assert_allclose(np.asarray(m["load"]), [1.0])
+  for key, val in (("load_max_over_mean", 1.0), ("load_cv", 0.0),
+                   ("router_entropy", 0.0), ("top1_prob", 1.0),
+                   ("experts_per_token", 1.0), ("dropped_fraction", 0.0)):
+    np.testing.assert_allclose(float(m[key]), val, atol=1e-6, err_msg=key)
+  np.testing.assert_allclose(float(lo["load_balance"]), 1.0, rtol=1e-6)
+  # One logit per token: logsumexp = the logit itself.
+  logits = x.reshape(-1, D).astype(np.float64) @ p["router"]["w_gate"]
+  np.testing.assert_allclose(float(lo["z_loss"]), np.mean(logits ** 2),
+                             rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dispatch,shared,order", [
+    ("dense", 0, "softmax_topk"),
+    ("dropless", 2, "softmax_topk"),
+    ("dropless", 0, "topk_softmax"),
+    ("capacity", 1, "topk_softmax"),
+])
+def test_layer_matches_numpy(dispatch, shared, order):
+  # capacity_factor = E: C = A, so capacity drops nothing and matches too.
+  cfg = _cfg(e=4, k=2, dispatch=dispatch, shared=shared, order=order,
+             renormalize=(order == "softmax_topk"), cf=4.0)
+  x = _x(2)
+  params, apply = _init(cfg, x, seed=3)
+  if shared:
+    s = params["params"]["shared"]
+    assert s["w_gate"].shape == (D, shared * F)
+    assert s["w_down"].shape == (shared * F, D)
+  else:
+    assert "shared" not in params["params"]
+  y, aux = apply(params, jnp.asarray(x))
+  _assert_aux_schema(aux, 4)
+  y_ref, losses, metrics = _reference_layer(_np_params(params), x, cfg)
+  np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5)
+  for k, v in losses.items():
+    np.testing.assert_allclose(np.asarray(aux["losses"][k]), v, rtol=1e-5,
+                               atol=1e-6, err_msg=k)
+  for k, v in metrics.items():
+    np.testing.assert_allclose(np.asarray(aux["metrics"][k]), v, rtol=1e-5,
+                               atol=1e-6, err_msg=k)
+
+
+def test_shared_experts_add_a_dense_swiglu():
+  x = _x(4)
+  cfg0, cfg2 = _cfg(dispatch="dropless"), _cfg(dispatch="dropless", shared=2)
+  params2, apply2 = _init(cfg2, x, seed=5)
+  _, apply0 = _layer(cfg0)
+  params0 = {"params": {k: v for k, v in params2["params"].items()
+                        if k != "shared"}}
+  y2, aux2 = apply2(params2, jnp.asarray(x))
+  y0, aux0 = apply0(params0, jnp.asarray(x))
+  s = params2["params"]["shared"]
+  dense = swiglu(jnp.asarray(x), s["w_gate"], s["w_up"], s["w_down"],
+                 jnp.float32)
+  np.testing.assert_allclose(np.asarray(y2), np.asarray(y0 + dense),
+                             rtol=1e-5, atol=1e-5)
+  # Shared experts do not change routing.
+  for k in LOSS_KEYS:
+    np.testing.assert_array_equal(np.asarray(aux2["losses"][k]),
+                                  np.asarray(aux0["losses"][k]))
+
+
+def test_metrics_with_skewed_routing():
+  # Router weights that send every token's top-1 to expert 3: load is skewed.
+  cfg = _cfg(e=4, k=1, dispatch="dropless")
+  x = np.abs(_x(6))
+  params, apply = _init(cfg, x)
+  p = jax.tree.map(np.asarray, params["params"])
+  w_gate = np.zeros((D, 4), np.float32)
+  w_gate[:, 3] = 1.0
+  w_gate[:, 0] = 0.2
+  params = {"params": {**p, "router": {"w_gate": jnp.asarray(w_gate)}}}
+  y, aux = apply(params, jnp.asarray(x))
+  m = aux["metrics"]
+  np.testing.assert_allclose(np.asarray(m["load"]), [0, 0, 0, 1])
+  np.testing.assert_allclose(float(m["load_max_over_mean"]), 4.0, rtol=1e-6)
+  np.testing.assert_allclose(float(m["load_cv"]), np.sqrt(3.0), rtol=1e-6)
+  _, losses, metrics = _reference_layer(_np_params(params), x, cfg)
+  for k, v in metrics.items():
+    np.testing.assert_allclose(np.asarray(m[k]), v, rtol=1e-5, atol=1e-6,
+                               err_msg=k)
+  for k, v in losses.items():
+    np.testing.assert_allclose(np.asarray(aux["losses"][k]), v, rtol=1e-5,
+                               err_msg=k)
+
+
+def test_jit_matches_eager_and_bfloat16_is_close():
+  cfg = _cfg(dispatch="dropless", shared=1)
+  x = _x(7)
+  params, apply = _init(cfg, x)
+  layer = MoELayer(cfg)
+  y_eager, aux_eager = layer.apply(params, jnp.asarray(x))
+  y_jit, aux_jit = apply(params, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(y_jit), np.asarray(y_eager),
+                             rtol=1e-6, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7), aux_jit, aux_eager)
+  _, apply16 = _layer(cfg, "bfloat16")
+  y16, aux16 = apply16(params, jnp.asarray(x))
+  assert y16.dtype == jnp.float32
+  scale = float(np.max(np.abs(np.asarray(y_jit))))
+  np.testing.assert_allclose(np.asarray(y16), np.asarray(y_jit), rtol=0,
+                             atol=3e-2 * max(scale, 1.0))
+  # Routing statistics stay float32 whatever the compute dtype.
+  np.testing.assert_array_equal(np.asarray(aux16["metrics"]["load"]),
+                                np.asarray(aux_jit["metrics"]["load"]))
+
+
+def _grad_fn(cfg):
+  layer = MoELayer(cfg)
+
+  def loss(params, x, ct):
+    y, aux = layer.apply(params, x)
+    return (jnp.sum(y * ct) + 0.1 * aux["losses"]["load_balance"]
+            + 0.01 * aux["losses"]["z_loss"])
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def test_grad_dropless_equals_dense_and_single_expert_equals_swiglu():
+  x = _x(8)
+  ct = jnp.asarray(np.random.default_rng(9).standard_normal((B, L, D)),
+                   jnp.float32)
+  cfg_dense, cfg_dl = _cfg(dispatch="dense", shared=1), _cfg(dispatch="dropless",
+                                                             shared=1)
+  params, _ = _init(cfg_dense, x)
+  g_dense = _grad_fn(cfg_dense)(params, jnp.asarray(x), ct)
+  g_dl = _grad_fn(cfg_dl)(params, jnp.asarray(x), ct)
+  for path, a in jax.tree_util.tree_leaves_with_path(g_dense):
+    assert np.all(np.isfinite(np.asarray(a))), path
+  assert np.max(np.abs(np.asarray(g_dense[0]["params"]["router"]["w_gate"]))) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5), g_dense, g_dl)
+
+  # E = 1: d/d(expert weights) and d/dx equal those of the dense SwiGLU.
+  cfg1 = _cfg(e=1, k=1, dispatch="dropless")
+  params1, _ = _init(cfg1, x)
+  g_params, g_x = _grad_fn(cfg1)(params1, jnp.asarray(x), ct)
+  w = params1["params"]["experts"]
+
+  def dense_loss(wg, wu, wd, xx):
+    return jnp.sum(swiglu(xx, wg, wu, wd, jnp.float32) * ct)
+
+  gd = jax.grad(dense_loss, argnums=(0, 1, 2, 3))(
+      w["w_gate"][0], w["w_up"][0], w["w_down"][0], jnp.asarray(x))
+  # With one expert the router's weight is softmax over one logit == 1, so the
+  # output does not depend on the gate; only the z-loss 0.01 * mean(logit^2)
+  # pulls on it (the balance loss is the constant 1).
+  x_TxD = np.asarray(x, np.float64).reshape(-1, D)
+  w_gate = np.asarray(params1["params"]["router"]["w_gate"], np.float64)
+  logits = x_TxD @ w_gate
+  g_gate = 0.01 * 2 * x_TxD.T @ logits / (B * L)
+  g_x_z = (0.01 * 2 * logits @ w_gate.T / (B * L)).reshape(B, L, D)
+  ge = g_params["params"]["experts"]
+  for got, want in ((ge["w_gate"][0], gd[0]), (ge["w_up"][0], gd[1]),
+                    (ge["w_down"][0], gd[2]), (g_x, np.asarray(gd[3]) + g_x_z)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_params["params"]["router"]["w_gate"]),
+                             g_gate, rtol=1e-4, atol=1e-6)
+
+
+def test_jitter_needs_router_rng_in_training():
+  c = default_config().moe
+  c.num_experts, c.top_k, c.expert_hidden, c.dispatch = 4, 2, F, "dense"
+  c.topk.jitter = 0.1
+  cfg = ml_collections.FrozenConfigDict(c)
+  x = jnp.asarray(_x(10))
+  layer = MoELayer(cfg)
+  params = layer.init(jax.random.key(0), x)
+  y_det, _ = layer.apply(params, x, deterministic=True)
+  y_det2, _ = layer.apply(params, x)
+  np.testing.assert_array_equal(np.asarray(y_det), np.asarray(y_det2))
+  y_tr, _ = layer.apply(params, x, deterministic=False,
+                        rngs={"router": jax.random.key(1)})
+  assert np.max(np.abs(np.asarray(y_tr) - np.asarray(y_det))) > 1e-4

@@ -1,0 +1,300 @@
+"""Shared test base: every backend available here against the NumPy reference.
+
+Shapes are tiny and fixed per test so each backend compiles a handful of
+jitted functions (group sizes are traced arguments) and then runs many cases;
+the Pallas kernels run in interpret mode on CPU and use small tiles so that
+tiles straddle group boundaries and partial tiles occur.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import pallas_kernels as pk
+import gmm_reference as reference
+
+_ACCELERATOR_BACKENDS = {"mosaic_tpu": "tpu", "triton": "gpu"}
+# Small tiles for the Pallas kernels: several row tiles, straddled groups,
+# partial tiles in m, k and n at the shapes used below.
+_TILING = {"interpret": (8, 16, 16), "interpret_triton": (16, 16, 16),
+           "mosaic_tpu": (16, 128, 128), "triton": (16, 16, 16),
+           "cpu": (4, 16, 16), "xla": None}
+_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2.5e-2}
+_SETTINGS = settings(max_examples=20, derandomize=True, deadline=None,
+                     database=None)
+
+
+def _param(name: str):
+  platform = _ACCELERATOR_BACKENDS.get(name)
+  skip = platform is not None and jax.default_backend() != platform
+  return pytest.param(name, id=name, marks=pytest.mark.skipif(
+      skip, reason=f"backend {name!r} needs a {platform} device; this "
+      f"machine runs on {jax.default_backend()}"))
+
+
+@pytest.fixture(params=[_param(b) for b in pk.BACKENDS])
+def backend(request) -> str:
+  return request.param
+
+
+@functools.lru_cache(maxsize=None)
+def _gmm_fn(backend: str, transpose_rhs: bool, num_total_groups: int | None):
+  """Jitted gmm with traced group sizes and offset (reused across cases)."""
+  del num_total_groups  # Part of the cache key only.
+
+  @jax.jit
+  def f(lhs, rhs, group_sizes, group_offset):
+    return pk.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+                  group_offset=group_offset, tiling=_TILING[backend],
+                  backend=backend)
+  return f
+
+
+@functools.lru_cache(maxsize=None)
+def _tgmm_fn(backend: str, num_actual_groups: int):
+  @jax.jit
+  def f(lhs_KxM, rhs, group_sizes, group_offset):
+    return pk.tgmm(lhs_KxM, rhs, group_sizes, group_offset=group_offset,
+                   num_actual_groups=num_actual_groups,
+                   tiling=_TILING[backend], backend=backend)
+  return f
+
+
+@functools.lru_cache(maxsize=None)
+def _grad_fn(backend: str, transpose_rhs: bool):
+  def loss(lhs, rhs, group_sizes, group_offset, dout):
+    out = pk.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+                 group_offset=group_offset, tiling=_TILING[backend],
+                 backend=backend)
+    return jnp.sum(out.astype(jnp.float32) * dout)
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _rand(rng, shape, dtype):
+  return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def _close(actual, expected, dtype, scale: float = 1.0):
+  tol = _TOL[dtype] * scale
+  expected = np.asarray(expected, np.float64)
+  atol = tol * max(1.0, float(np.abs(expected).max(initial=0.0)))
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
+                             rtol=tol, atol=atol)
+
+
+def _as_f64(x):
+  return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+@st.composite
+def _group_sizes(draw, num_groups: int, m: int):
+  """Random sizes with empty groups, sum <= m (often == m or well below)."""
+  cuts = sorted(draw(st.lists(st.integers(0, m), min_size=num_groups,
+                              max_size=num_groups)))
+  sizes = np.diff([0] + cuts).astype(np.int32)
+  zero_mask = draw(st.lists(st.booleans(), min_size=num_groups,
+                            max_size=num_groups))
+  return np.where(zero_mask, 0, sizes).astype(np.int32)
+
+
+# m=37, k=19, n=23: not multiples of any tile.
+_M, _K, _N, _G = 37, 19, 23, 5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["f32", "bf16"])
+@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["nn", "nt"])
+def test_gmm_random_group_sizes(backend, dtype, transpose_rhs):
+  rng = np.random.default_rng(0)
+  lhs = _rand(rng, (_M, _K), dtype)
+  rhs = _rand(rng, (_G, _N, _K) if transpose_rhs else (_G, _K, _N), dtype)
+  f = _gmm_fn(backend, transpose_rhs, None)
+
+  @_SETTINGS
+  @given(_group_sizes(_G, _M))
+  def check(sizes):
+    out = f(lhs, rhs, jnp.asarray(sizes), jnp.int32(0))
+    assert out.shape == (_M, _N) and out.dtype == dtype
+    _close(out, reference.gmm(_as_f64(lhs), _as_f64(rhs), sizes,
+                              transpose_rhs=transpose_rhs), dtype)
+
+  check()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["f32", "bf16"])
+def test_tgmm_random_group_sizes(backend, dtype):
+  rng = np.random.default_rng(1)
+  lhs_KxM = _rand(rng, (_K, _M), dtype)
+  rhs = _rand(rng, (_M, _N), dtype)
+  f = _tgmm_fn(backend, _G)
+
+  @_SETTINGS
+  @given(_group_sizes(_G, _M))
+  def check(sizes):
+    out = f(lhs_KxM, rhs, jnp.asarray(sizes), jnp.int32(0))
+    assert out.shape == (_G, _K, _N) and out.dtype == dtype
+    _close(out, reference.tgmm(_as_f64(lhs_KxM), _as_f64(rhs), sizes), dtype)
+
+  check()
+
+
+def test_all_rows_in_one_group(backend):
+  rng = np.random.default_rng(2)
+  lhs, rhs = _rand(rng, (_M, _K), jnp.float32), _rand(rng, (_G, _K, _N),
+                                                     jnp.float32)
+  lhs_KxM, dy = lhs.T, _rand(rng, (_M, _N), jnp.float32)
+  f, t = _gmm_fn(backend, False, None), _tgmm_fn(backend, _G)
+  for g in range(_G):
+    sizes = np.zeros(_G, np.int32)
+    sizes[g] = _M
+    _close(f(lhs, rhs, jnp.asarray(sizes), jnp.int32(0)),
+           reference.gmm(lhs, rhs, sizes), jnp.float32)
+    _close(t(lhs_KxM, dy, jnp.asarray(sizes), jnp.int32(0)),
+           reference.tgmm(lhs_KxM, dy, sizes), jnp.float32)
+
+
+def test_every_empty_group_pattern_g8(backend):
+  """All 2^8 patterns of empty/non-empty groups, one compiled function each."""
+  num_groups, m, k, n = 8, 29, 16, 16
+  rng = np.random.default_rng(3)
+  lhs, rhs = _rand(rng, (m, k), jnp.float32), _rand(rng, (num_groups, k, n),
+                                                   jnp.float32)
+  dy = _rand(rng, (m, n), jnp.float32)
+  f, t = _gmm_fn(backend, False, num_groups), _tgmm_fn(backend, num_groups)
+  for pattern in itertools.product([0, 1], repeat=num_groups):
+    live = np.array(pattern, bool)
+    sizes = np.zeros(num_groups, np.int32)
+    if live.any():  # Spread m - 3 rows (3 dead rows at the end) over live groups.
+      sizes[live] = np.diff(np.linspace(0, m - 3, live.sum() + 1).astype(int))
+    gs = jnp.asarray(sizes)
+    _close(f(lhs, rhs, gs, jnp.int32(0)), reference.gmm(lhs, rhs, sizes),
+           jnp.float32)
+    _close(t(lhs.T, dy, gs, jnp.int32(0)), reference.tgmm(lhs.T, dy, sizes),
+           jnp.float32)
+
+
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_group_offset_chaining_over_shards(backend, num_shards):
+  """Sum over expert shards of gmm == unsharded gmm; tgmm shards concatenate."""
+  num_groups = 8
+  per = num_groups // num_shards
+  rng = np.random.default_rng(4)
+  lhs = _rand(rng, (_M, _K), jnp.float32)
+  rhs = _rand(rng, (num_groups, _K, _N), jnp.float32)
+  dy = _rand(rng, (_M, _N), jnp.float32)
+  f = _gmm_fn(backend, False, num_groups)
+  t = _tgmm_fn(backend, per)
+  full = _gmm_fn(backend, False, None)
+  for sizes in ([5, 0, 7, 3, 0, 9, 4, 2], [0, 0, 0, 0, 0, 0, 20, 0],
+                [4, 4, 4, 4, 4, 4, 4, 4]):
+    sizes = np.array(sizes, np.int32)
+    gs = jnp.asarray(sizes)
+    # The offset is traced (jit argument), as inside shard_map.
+    total = sum(f(lhs, rhs[s * per:(s + 1) * per], gs, jnp.int32(s * per))
+                for s in range(num_shards))
+    expected = reference.gmm(lhs, rhs, sizes)
+    _close(total, expected, jnp.float32)
+    _close(full(lhs, rhs, gs, jnp.int32(0)), expected, jnp.float32)
+    for s in range(num_shards):
+      _close(f(lhs, rhs[s * per:(s + 1) * per], gs, jnp.int32(s * per)),
+             reference.gmm(lhs, rhs[s * per:(s + 1) * per], sizes,
+                           group_offset=s * per), jnp.float32)
+    parts = [t(lhs.T, dy, gs, jnp.int32(s * per)) for s in range(num_shards)]
+    _close(jnp.concatenate(parts), reference.tgmm(lhs.T, dy, sizes),
+           jnp.float32)
+
+
+def test_eager_call_and_group_offset_int(backend):
+  """Concrete (validated) path, python-int group_offset."""
+  rng = np.random.default_rng(5)
+  lhs = _rand(rng, (_M, _K), jnp.float32)
+  rhs = _rand(rng, (2, _K, _N), jnp.float32)
+  sizes = np.array([3, 10, 6, 0, 11], np.int32)  # sum 30 < m.
+  out = pk.gmm(lhs, rhs, jnp.asarray(sizes), group_offset=1,
+               tiling=_TILING[backend], backend=backend)
+  _close(out, reference.gmm(lhs, rhs, sizes, group_offset=1), jnp.float32)
+  out = pk.tgmm(lhs.T, _rand(rng, (_M, _N), jnp.float32), jnp.asarray(sizes),
+                group_offset=3, num_actual_groups=2, tiling=_TILING[backend],
+                backend=backend, preferred_element_type=jnp.float32)
+  assert out.shape == (2, _K, _N)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["f32", "bf16"])
+@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["nn", "nt"])
+def test_gmm_gradients(backend, dtype, transpose_rhs):
+  rng = np.random.default_rng(6)
+  num_groups, per = 6, 3
+  lhs = _rand(rng, (_M, _K), dtype)
+  shape = (num_groups, _N, _K) if transpose_rhs else (num_groups, _K, _N)
+  rhs = _rand(rng, shape, dtype)
+  dout = _rand(rng, (_M, _N), jnp.float32)
+  grad = _grad_fn(backend, transpose_rhs)
+  for sizes, offset, local in (([6, 0, 9, 7, 2, 8], 0, num_groups),
+                               ([0, 12, 3, 0, 5, 10], 3, per),
+                               ([37, 0, 0, 0, 0, 0], 0, num_groups)):
+    sizes = np.array(sizes, np.int32)
+    w = rhs[offset:offset + local]
+    dlhs, drhs = grad(lhs, w, jnp.asarray(sizes), jnp.int32(offset), dout)
+    assert dlhs.dtype == dtype and drhs.dtype == dtype
+    exp_lhs, exp_rhs = reference.gmm_grads(_as_f64(lhs), _as_f64(w), sizes,
+                                           np.asarray(dout), offset,
+                                           transpose_rhs)
+    _close(dlhs, exp_lhs, dtype, scale=1.5)
+    _close(drhs, exp_rhs, dtype, scale=1.5)
+
+
+def test_tgmm_gradients(backend):
+  rng = np.random.default_rng(7)
+  x_KxM, dy = _rand(rng, (_K, _M), jnp.float32), _rand(rng, (_M, _N),
+                                                      jnp.float32)
+  sizes = np.array([8, 0, 13, 9, 4], np.int32)
+  cot = _rand(rng, (_G, _K, _N), jnp.float32)
+  f = lambda a, b: jnp.sum(pk.tgmm(a, b, jnp.asarray(sizes),
+                                   tiling=_TILING[backend],
+                                   backend=backend) * cot)
+  da, db = jax.jit(jax.grad(f, argnums=(0, 1)))(x_KxM, dy)
+  bounds = np.concatenate([[0], np.cumsum(sizes)])
+  exp_a, exp_b = np.zeros((_K, _M)), np.zeros((_M, _N))
+  for g in range(_G):
+    lo, hi = bounds[g], bounds[g + 1]
+    exp_a[:, lo:hi] = np.asarray(cot[g], np.float64) @ np.asarray(dy[lo:hi]).T
+    exp_b[lo:hi] = np.asarray(x_KxM[:, lo:hi]).T @ np.asarray(cot[g])
+  _close(da, exp_a, jnp.float32)
+  _close(db, exp_b, jnp.float32)
+
+
+def test_traced_group_sizes_past_m_are_clipped(backend):
+  """Documented jit behaviour: groups are cut at row m, later ones empty."""
+  rng = np.random.default_rng(8)
+  lhs, rhs = _rand(rng, (_M, _K), jnp.float32), _rand(rng, (_G, _K, _N),
+                                                     jnp.float32)
+  dy = _rand(rng, (_M, _N), jnp.float32)
+  sizes = np.array([10, 20, 30, 5, 0], np.int32)  # sum 65 > 37.
+  clipped = np.array([10, 20, 7, 0, 0], np.int32)
+  _close(_gmm_fn(backend, False, None)(lhs, rhs, jnp.asarray(sizes),
+                                       jnp.int32(0)),
+         reference.gmm(lhs, rhs, clipped), jnp.float32)
+  _close(_tgmm_fn(backend, _G)(lhs.T, dy, jnp.asarray(sizes), jnp.int32(0)),
+         reference.tgmm(lhs.T, dy, clipped), jnp.float32)
+
+
+def test_preferred_element_type(backend):
+  rng = np.random.default_rng(9)
+  lhs = _rand(rng, (_M, _K), jnp.bfloat16)
+  rhs = _rand(rng, (_G, _K, _N), jnp.bfloat16)
+  sizes = np.array([7, 7, 7, 7, 9], np.int32)
+  out = pk.gmm(lhs, rhs, jnp.asarray(sizes), preferred_element_type=jnp.float32,
+               tiling=_TILING[backend], backend=backend)
+  assert out.dtype == jnp.float32
+  _close(out, reference.gmm(_as_f64(lhs), _as_f64(rhs), sizes), jnp.float32,
+         scale=10)  # bf16 operands, float32 accumulation and output.

@@ -1,0 +1,74 @@
+"""Config validation: bad values fail early, naming key, value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from moejax.config import ConfigError, default_config, validate
+from moejax.train import trainer
+from tests.conftest import tiny_config
+
+
+def test_defaults_and_quickstart_are_valid():
+  from configs import quickstart  # noqa: PLC0415
+  validate(default_config())
+  validate(quickstart.get_config("moe"))
+  validate(quickstart.get_config("dense"))
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("moe.router", "nope", ["moe.router", "'nope'", "topk"]),
+    ("moe.dispatch", "sparse", ["moe.dispatch", "'sparse'", "dropless", "capacity", "dense"]),
+    ("moe.top_k", 9, ["moe.top_k", "9", "moe.num_experts=4"]),
+    ("moe.capacity_factor", 0.0, ["moe.capacity_factor", "0.0", "positive"]),
+    ("moe.capacity_factor", -1.0, ["moe.capacity_factor", "-1.0", "positive"]),
+    ("model.num_heads", 3, ["model.num_heads", "3", "d_model=32"]),
+    ("model.dtype", "float16", ["model.dtype", "'float16'", "bfloat16"]),
+    ("moe.every", 3, ["moe.every", "3", "must divide"]),
+    ("moe.topk.order", "random", ["moe.topk.order", "'random'", "topk_softmax"]),
+    ("moe.gmm_backend", "magic", ["moe.gmm_backend", "'magic'", "xla"]),
+    ("data.val_fraction", 1.5, ["data.val_fraction", "1.5", "(0, 1)"]),
+    ("train.steps", 0, ["train.steps", "0", "positive"]),
+    ("train.warmup_steps", 100, ["train.warmup_steps", "100", "train.steps=30"]),
+])
+def test_bad_values(key, value, words):
+  cfg = tiny_config()
+  *path, last = key.split(".")
+  node = cfg
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ConfigError) as e:
+    validate(cfg)
+  for w in words:
+    assert w in str(e.value), (w, str(e.value))
+
+
+def test_unknown_keys():
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.moe.num_expert = 3
+  with pytest.raises(ConfigError, match="unknown config key 'moe.num_expert'.*num_experts"):
+    validate(cfg)
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.optimizer = 1
+  with pytest.raises(ConfigError, match="unknown config key 'optimizer'"):
+    validate(cfg)
+
+
+def test_sequence_longer_than_corpus(tmp_path):
+  for name in "abc":  # three short documents, a few hundred bytes in all
+    (tmp_path / f"{name}.txt").write_text("hello world, second paragraph here\n" * 3)
+  cfg = tiny_config()
+  cfg.data.path = str(tmp_path)
+  cfg.train.seq_len = 4096
+  with pytest.raises(ValueError, match="train.seq_len"):
+    trainer.prepare(cfg)
+
+
+def test_missing_data_path():
+  cfg = tiny_config()
+  cfg.data.path = "/nonexistent/corpus"
+  with pytest.raises(ValueError, match="data.path"):
+    trainer.prepare(cfg)
