@@ -91,6 +91,20 @@ def _for_each_nonempty_group(starts_G: jax.Array, ends_G: jax.Array, body,
   return lax.fori_loop(0, count, lambda i, c: body(order[i], c), carry)
 
 
+def _group_weights(rhs_GxAxB: jax.Array, j: jax.Array) -> jax.Array:
+  """rhs[j]; for bfloat16 sliced as raw 16-bit words.
+
+  XLA:CPU otherwise rewrites convert(slice(rhs)) into slice(convert(rhs)) and
+  hoists a float32 copy of the *whole* weight tensor out of the loop (256 MB
+  at G=64), which made bfloat16 slower than float32.
+  """
+  if rhs_GxAxB.dtype != jnp.bfloat16:
+    return lax.dynamic_index_in_dim(rhs_GxAxB, j, 0, keepdims=False)
+  raw = lax.bitcast_convert_type(rhs_GxAxB, jnp.uint16)
+  raw_j = lax.dynamic_index_in_dim(raw, j, 0, keepdims=False)
+  return lax.bitcast_convert_type(raw_j, jnp.bfloat16)
+
+
 def _prepare_rows(x: jax.Array, classes: list[int]) -> jax.Array:
   """Pads tiny inputs so the smallest chunk fits."""
   return _common.pad_axis(x, 0, max(x.shape[0], classes[0]))
@@ -111,7 +125,7 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
   contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
 
   def group_body(j, out_MxN):
-    w = lax.dynamic_index_in_dim(rhs, j, 0, keepdims=False)
+    w = _group_weights(rhs, j)
     end = ends[j]
 
     def chunk(c_rows, row0, true_start, out):
@@ -121,14 +135,16 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
       rows = row0 + lax.iota(jnp.int32, c_rows)
       keep = (rows >= true_start) & (rows < end)
       old = lax.dynamic_slice_in_dim(out, row0, c_rows, 0)
-      new = jnp.where(keep[:, None], y.astype(out.dtype), old)
+      new = jnp.where(keep[:, None], y, old)
       return lax.dynamic_update_slice_in_dim(out, new, row0, 0)
 
     return _for_each_chunk(starts[j], end, classes, m_rows, chunk, out_MxN)
 
-  out = jnp.zeros((m_rows, n), out_dtype)
+  # The carry stays float32: XLA:CPU has no bfloat16 dynamic-update-slice and
+  # would convert (and copy) the whole buffer around every chunk.
+  out = jnp.zeros((m_rows, n), jnp.float32)
   out = _for_each_nonempty_group(starts, ends, group_body, out)
-  return out[:m]
+  return out[:m].astype(out_dtype)
 
 
 def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,

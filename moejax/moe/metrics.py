@@ -10,7 +10,7 @@ def load_metrics(counts_E: jax.Array) -> dict[str, jax.Array]:
   """Load fraction per expert, max/mean load and coefficient of variation."""
   total = jnp.maximum(jnp.sum(counts_E), 1.0)
   load_E = counts_E / total
-  mean = jnp.mean(load_E)
+  mean = jnp.maximum(jnp.mean(load_E), 1e-12)  # no valid slot: 0, not NaN
   return {
       "load": load_E,
       "load_max_over_mean": jnp.max(load_E) / mean,

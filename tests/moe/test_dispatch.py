@@ -15,7 +15,7 @@ from moejax.moe.dispatch import DISPATCHERS, get_dispatcher
 from moejax.moe.dispatch.capacity import (capacity_dispatch, capacity_positions,
                                           expert_capacity)
 from moejax.moe.dispatch.dense import dense_dispatch
-from moejax.moe.dispatch.dropless import dropless_dispatch
+from moejax.moe.dispatch.dropless import dropless_dispatch, sort_by_expert
 from moejax.moe.routers.topk import topk_route
 from moejax.moe.types import Assignment
 
@@ -29,11 +29,26 @@ def _cfg(capacity_factor=1.25, gmm_backend="auto"):
                                     "gmm_backend": gmm_backend})
 
 
-@functools.lru_cache(maxsize=None)
 def _jitted(name, dtype=jnp.float32, capacity_factor=1.25, backend="auto"):
+  """Jitted dispatcher, compiled once per shape across all tests."""
+  if name != "capacity":  # the others ignore it: share their compilations
+    capacity_factor = 1.25
+  if name != "dropless":
+    backend = "auto"
+  return _jitted_cached(name, dtype, capacity_factor, backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_cached(name, dtype, capacity_factor, backend):
   fn = get_dispatcher(name)
   cfg = _cfg(capacity_factor, backend)
   return jax.jit(lambda x, a, w: fn(x, a, w, dtype=dtype, cfg=cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _positions(num_experts, capacity):
+  return jax.jit(functools.partial(capacity_positions, num_experts=num_experts,
+                                   capacity=capacity))
 
 
 def _assignment(token, expert, weight, valid=None):
@@ -152,9 +167,11 @@ def test_capacity_without_drops_matches_reference_and_dropless(case):
 
 
 def test_dropless_equals_dense_random_topk():
-  t, e, k = 64, 8, 2
-  x, w, rng = _problem(t, e, seed=3)
-  for order in ("softmax_topk", "topk_softmax"):
+  # Same shape as the "topk_random" case: reuses its compilations.
+  t, e, k = 13, 4, 2
+  for seed in range(4):
+    x, w, rng = _problem(t, e, seed=100 + seed)
+    order = ("softmax_topk", "topk_softmax")[seed % 2]
     a, _ = topk_route(jnp.asarray(3.0 * rng.standard_normal((t, e)),
                                   jnp.float32), k, order)
     y_dense, _ = _jitted("dense")(jnp.asarray(x), a, _jw(w))
@@ -163,15 +180,29 @@ def test_dropless_equals_dense_random_topk():
     _assert_close(y_dl, ref.moe(x, *_np(a), w))
 
 
-def test_dropless_backends_and_default_cfg():
+@pytest.mark.parametrize("case", CASES)
+def test_sort_by_expert_groups_valid_slots_invalid_last(case):
+  _, e, tok, exp, wt, val = _case(case)
+  a = _assignment(tok, exp, wt, val)
+  order, sizes = jax.jit(sort_by_expert, static_argnums=1)(a, e)
+  _, exp, _, val = _np(a)
+  order = np.asarray(order)
+  assert sorted(order.tolist()) == list(range(len(exp)))  # a permutation
+  np.testing.assert_array_equal(np.asarray(sizes), ref.counts(exp, val, e))
+  n_valid = int(np.sum(val))
+  assert np.all(val[order[:n_valid]]) and not np.any(val[order[n_valid:]])
+  # Valid slots by expert, each group in slot order (stable).
+  want = [a_ for g in range(e) for a_ in range(len(exp))
+          if val[a_] and exp[a_] == g]
+  np.testing.assert_array_equal(order[:n_valid], want)
+
+
+def test_dropless_xla_backend():
   t, e, tok, exp, wt, val = _case("invalid_slots")
   x, w, _ = _problem(t, e, seed=1)
   a = _assignment(tok, exp, wt, val)
-  expected = ref.moe(x, *_np(a), w)
   y_xla, _ = _jitted("dropless", backend="xla")(jnp.asarray(x), a, _jw(w))
-  _assert_close(y_xla, expected)
-  y_none, _ = dropless_dispatch(jnp.asarray(x), a, _jw(w), dtype=jnp.float32)
-  _assert_close(y_none, expected)
+  _assert_close(y_xla, ref.moe(x, *_np(a), w))
 
 
 # --- capacity: positions, drops, formula ---------------------------------------
@@ -211,8 +242,8 @@ def test_capacity_hand_built_drops():
   np.testing.assert_array_equal(np.asarray(pos)[v], [0, 1, 0, 0, 2, 1, 2])
   np.testing.assert_array_equal(np.asarray(keep),
                                 [1, 1, 1, 0, 1, 0, 1, 0])
-  # With C = 3 only slot 7 drops... no: expert 0 has 3 valid slots (0, 1, 5)
-  # and expert 1 has 3 (2, 6, 7), so nothing drops.
+  # With C = 3 nothing drops: expert 0 has 3 valid slots (0, 1, 5), expert 1
+  # has 3 (2, 6, 7), expert 2 has 1 (4).
   np.testing.assert_array_equal(np.asarray(capacity_positions(a, 3, 3)[1]), v)
   # With C = 1 only each expert's first valid slot survives: 0, 2, 4.
   np.testing.assert_array_equal(np.asarray(capacity_positions(a, 3, 1)[1]),
@@ -225,7 +256,7 @@ def test_capacity_hand_built_drops():
   _assert_close(y, ref.moe(x, token, expert, weight, kept, w))
   np.testing.assert_allclose(float(stats["dropped_fraction"]), 2.0 / 7.0,
                              rtol=1e-6)
-  # Tokens 3 and 5 lost their only slots: their output is exactly zero.
+  # Token 3's only slot is invalid and token 5's was dropped: exact zeros.
   assert np.all(np.asarray(y)[[3, 5]] == 0.0)
 
 
@@ -247,10 +278,11 @@ def test_capacity_drops_second_choices_first():
 
 # --- property-based -------------------------------------------------------------
 
-# A few fixed shapes (T, E, A) keep the number of compilations bounded; the
-# contents (tokens, experts, validity, weights) are what hypothesis varies.
-SHAPES = [(1, 1, 1), (13, 4, 26), (7, 5, 21), (13, 1, 13), (24, 6, 48),
-          (5, 3, 11)]
+# The shapes (T, E, A) of the hand-built cases above (plus T = E = A = 1), so
+# the compilations are shared; hypothesis varies the contents: tokens,
+# experts, validity and weights.
+SHAPES = [(1, 1, 1), (13, 4, 26), (6, 4, 12), (9, 3, 18), (5, 3, 10),
+          (13, 5, 17), (4, 3, 7), (3, 2, 3)]
 
 
 @settings(derandomize=True, deadline=None, max_examples=25)
@@ -258,9 +290,11 @@ SHAPES = [(1, 1, 1), (13, 4, 26), (7, 5, 21), (13, 1, 13), (24, 6, 48),
        skew=st.sampled_from(["random", "one_expert", "empty_experts",
                              "duplicates"]),
        valid_p=st.sampled_from([1.0, 0.7, 0.2, 0.0]),
-       cf=st.sampled_from([0.5, 1.0]))
-def test_dispatchers_hypothesis(shape, seed, skew, valid_p, cf):
+       small_capacity=st.booleans())
+def test_dispatchers_hypothesis(shape, seed, skew, valid_p, small_capacity):
   t, e, n = shape
+  # 0.5 drops whenever an expert gets more than half its fair share; E never.
+  cf = 0.5 if small_capacity else float(e)
   x, w, rng = _problem(t, e, seed)
   token = rng.integers(0, t, n)
   if skew == "random":
@@ -288,7 +322,7 @@ def test_dispatchers_hypothesis(shape, seed, skew, valid_p, cf):
 
   c = expert_capacity(n, e, cf)
   ref_pos, ref_keep = ref.capacity_keep(exp, val, e, c)
-  pos, keep = capacity_positions(a, e, c)
+  pos, keep = _positions(e, c)(a)
   np.testing.assert_array_equal(np.asarray(keep), ref_keep)
   np.testing.assert_array_equal(np.asarray(pos)[val], ref_pos[val])
   y_cap, st_cap = _jitted("capacity", capacity_factor=cf)(jx, a, jw)
@@ -329,10 +363,16 @@ def _loss_fn(name):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-@pytest.mark.parametrize("case", ["invalid_slots", "duplicates", "empty_expert",
-                                  "t13_odd"])
-def test_dropless_gradients_equal_dense(case):
-  t, e, tok, exp, wt, val = _case(case)
+def test_dropless_gradients_equal_dense():
+  # T = 13, E = 4 with an empty expert (2), invalid slots with large weights,
+  # and token 1 sent twice to expert 0.
+  t, e = 13, 4
+  tok = [0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 12, 5, 3]
+  exp = [1, 0, 0, 3, 3, 1, 0, 2, 3, 1, 0, 3, 1, 0, 3, 3, 1]
+  wt = np.linspace(-0.5, 1.0, len(tok))
+  wt[[7, 15]] = 50.0
+  val = np.ones(len(tok), bool)
+  val[[7, 15]] = False  # slot 7 was expert 2's only slot
   x, w, rng = _problem(t, e, seed=2)
   ct = rng.standard_normal((t, D)).astype(np.float32)
   a = _assignment(tok, exp, wt, val)
@@ -351,6 +391,7 @@ def test_dropless_gradients_equal_dense(case):
       for s in range(len(tok))])
   _assert_close(g_dl[2], gw, rtol=1e-5, atol=2e-5)
   _assert_close(g_dense[2], gw, rtol=1e-5, atol=2e-5)
-  if case == "empty_expert":  # an expert with no tokens gets zero gradient
+  for g in (g_dense, g_dl):  # an expert with no tokens gets zero gradient
     for k in ("w_gate", "w_up", "w_down"):
-      assert np.all(np.asarray(g_dl[1][k][2]) == 0.0)
+      assert np.all(np.asarray(g[1][k][2]) == 0.0)
+      assert np.any(np.asarray(g[1][k][1]) != 0.0)

@@ -4,6 +4,11 @@ Each expert takes at most C = ceil(capacity_factor * A / E) of the A valid
 assignment slots, first come first served in slot order (routers order their
 slots by priority, e.g. all first choices before second choices); the rest
 are dropped: they contribute nothing and are counted.
+
+Dropping couples tokens across the batch: with top-k slots in choice-major
+order, a token's second choice can be dropped because of later tokens' first
+choices, so in a decoder `capacity` is causal only when nothing is dropped.
+Use `dropless` (the default) for exact causal language modelling.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ def capacity_positions(assignment: Assignment, num_experts: int,
                        capacity: int) -> tuple[jax.Array, jax.Array]:
   """Buffer position of each slot in its expert and whether it is kept.
 
-  Returns (pos_A int32, keep_A bool): pos is the number of earlier valid slots
-  that chose the same expert; a slot is kept iff valid and pos < capacity.
+  Returns (pos_A int32, keep_A bool): for a valid slot, pos is the number of
+  earlier valid slots that chose the same expert (invalid slots get 0 and are
+  never kept); a slot is kept iff valid and pos < capacity.
   """
   onehot_AxE = (jax.nn.one_hot(assignment.expert, num_experts, dtype=jnp.int32)
                 * assignment.valid[:, None])
