@@ -26,13 +26,13 @@ def get_config(variant: str = "moe"):
   c.moe.num_experts = 8
   c.moe.top_k = 2
   c.moe.expert_hidden = 256
-  c.train.steps = 1000
+  c.train.steps = 600
   c.train.batch_size = 32
   c.train.seq_len = 128
   c.train.lr = 3e-3
   c.train.warmup_steps = 100
-  c.train.eval_every = 250
-  c.train.checkpoint_every = 250
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
   if variant == "dense":
     # Same active parameters per token: one FFN as wide as the k routed experts.
     c.moe.enabled = False

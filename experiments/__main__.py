@@ -44,21 +44,31 @@ def main() -> None:
   config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (created or resumed).")
+  flags.DEFINE_bool("overwrite", False, "Discard a run of a different config in --workdir.")
 
   def run(_):
     from absl import logging  # noqa: PLC0415
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from moejax.train import trainer  # noqa: PLC0415
+    from moejax.train.checkpoint import IncompatibleCheckpoint  # noqa: PLC0415
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join(
         "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
       data = trainer.prepare(cfg)
+      if not flags.FLAGS.overwrite:
+        trainer.check_workdir(cfg, workdir, overwrite=False)
     except ValueError as e:  # bad config: a message, not a traceback
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     print(f"run directory: {workdir}")
-    summary = trainer.train(cfg, workdir, data)
+    try:
+      summary = trainer.train(cfg, workdir, data, overwrite=flags.FLAGS.overwrite)
+    except (trainer.NonFiniteError, IncompatibleCheckpoint) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    if summary.get("preempted"):
+      return
     print("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in summary.items()))
 

@@ -77,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
+  c.train.max_bad_steps = 10  # consecutive non-finite steps before the run stops
   return c
 
 
@@ -90,10 +91,22 @@ def _check_keys(cfg, ref, prefix: str = "") -> None:
     if key not in ref:
       raise ConfigError(f"unknown config key {path!r}; allowed keys here: "
                         f"{sorted(ref.keys())}")
-    if isinstance(ref[key], ml_collections.ConfigDict):
-      if not isinstance(cfg[key], ml_collections.ConfigDict):
-        _fail(path, cfg[key], "must be a group of keys")
-      _check_keys(cfg[key], ref[key], path + ".")
+    want, got = ref[key], cfg[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(got, ml_collections.ConfigDict):
+        _fail(path, got, "must be a group of keys")
+      _check_keys(got, want, path + ".")
+    elif not _same_type(want, got):
+      _fail(path, got, f"must be of type {type(want).__name__}")
+
+
+def _same_type(want: Any, got: Any) -> bool:
+  """Types match, except that an int is accepted where a float is expected."""
+  if isinstance(want, bool) or isinstance(got, bool):
+    return isinstance(want, bool) and isinstance(got, bool)
+  if isinstance(want, float):
+    return isinstance(got, (int, float))
+  return type(want) is type(got)
 
 
 def _positive(cfg, key: str, allow_zero: bool = False) -> None:
@@ -117,7 +130,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "model.ffn_hidden", "model.vocab_size", "model.rope_theta",
               "train.steps", "train.batch_size", "train.seq_len", "train.lr",
               "train.log_every", "train.eval_every", "train.eval_batches",
-              "train.checkpoint_every", "train.keep_checkpoints"):
+              "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps"):
     _positive(cfg, key)
   for key in ("train.warmup_steps", "train.weight_decay", "train.grad_clip",
               "train.min_lr_ratio", "moe.aux_loss_weight", "moe.z_loss_weight",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import scipy.optimize
@@ -297,13 +297,3 @@ def predict_json(law: Law | str, fit_json: Mapping, **vars: Array) -> Array:
   """Predict from a fit.json dict (as written by tools/fit_scaling_laws.py)."""
   law = get_law(law) if isinstance(law, str) else law
   return law.predict(law.params_array(fit_json["params"]), **vars)
-
-
-def summarize(results: Sequence[FitResult]) -> str:
-  """Markdown table of fitted params with CIs."""
-  lines = []
-  for r in results:
-    cells = [f"{k}={v:.4g}" + (f" [{r.ci[k][0]:.4g}, {r.ci[k][1]:.4g}]" if k in r.ci else "")
-             for k, v in r.params.items()]
-    lines.append(f"| {r.law} | {', '.join(cells)} | {r.rmse_log:.4g} | {r.n_points} |")
-  return "\n".join(["| law | params | rmse_log | n |", "|---|---|---|---|", *lines])

@@ -63,8 +63,12 @@ class Law:
     if params.shape[-1] != len(self.param_names):
       raise ValueError(f"law {self.name!r} has {len(self.param_names)} params "
                        f"{self.param_names}, got shape {params.shape}")
-    x = {k: np.asarray(vars[k], dtype=np.float64) for k in self.variables}
-    return self.fn(_cols(params), **x)
+    x = {k: np.asarray(vars[k]) for k in self.variables}
+    x = {k: v if np.iscomplexobj(v) else v.astype(np.float64) for k, v in x.items()}
+    out = self.fn(_cols(params), **x)
+    if params.ndim == 1:  # one parameter vector: the variables' broadcast shape
+      out = out.reshape(np.broadcast_shapes(*(v.shape for v in x.values())))
+    return out
 
   @property
   def log_mask(self) -> Array:

@@ -3,6 +3,7 @@ curves (groups of equal compute), and log residuals. matplotlib, Agg backend."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 
 import numpy as np
@@ -52,8 +53,9 @@ def plot_fit(law: Law, res: FitResult, X: Mapping[str, Array], y: Array, path: s
     lab = "compute-optimal frontier" + (f" ({', '.join(f'{k}={v:.3g}' for k, v in fixed.items())})"
                                         if fixed else "")
     ax[0].plot(Cs, loss_at_compute(law, p, Cs, **fixed), "k-", lw=1.5, label=lab)
-  ax[0].set(xscale="log", xlabel=xl, ylabel=law.target, title=f"{law.name}: {law.formula}"[:90])
-  ax[0].title.set_fontsize(8)
+  ax[0].set(xscale="log", xlabel=xl, ylabel=law.target,
+            title=textwrap.fill(f"{law.name}: {law.formula}", 80))
+  ax[0].title.set_fontsize(7)
   ax[0].legend(fontsize=7)
   fig.colorbar(sc, ax=ax[0], label=f"log10 {xl.split()[0] if C is None else 'C'}")
 
@@ -98,7 +100,8 @@ def plot_fit(law: Law, res: FitResult, X: Mapping[str, Array], y: Array, path: s
   ax[2].axhline(0, color="k", lw=0.8)
   for s in (-1, 1):
     ax[2].axhline(s * res.huber_delta, color="r", lw=0.6, ls="--")
-  ax[2].set(xlabel=f"predicted {law.target}", ylabel=f"{law.resid_log}(pred) - {law.resid_log}(obs)",
+  lg = law.resid_log
+  ax[2].set(xlabel=f"predicted {law.target}", ylabel=f"{lg}(pred) - {lg}(obs)",
             title=f"residuals (rmse {res.rmse_log:.3g}, n={res.n_points}; "
                   f"dashed: Huber delta)")
   ax[2].title.set_fontsize(9)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,8 @@ from moejax.model.transformer import layer_plan
 from moejax.train import data as data_lib
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import lr_schedule, make_optimizer
+from moejax.train.lock import workdir_lock
+from moejax.train.preemption import StopRequest
 from moejax.train.progress import Progress
 from moejax.train.writers import MetricWriter
 
@@ -50,10 +53,14 @@ def moe_layer_indices(cfg: ml_collections.ConfigDict) -> list[int]:
   return [n_dense + p * cfg.moe.every for p in range(n_periods)]
 
 
-def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy in nats, float32."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV.astype(jnp.float32), targets_BxL))
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
+                  weights_BxL: jax.Array | None = None) -> jax.Array:
+  """Mean next-token cross-entropy in nats, float32 (weighted mean with weights)."""
+  nats = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV.astype(jnp.float32), targets_BxL)
+  if weights_BxL is None:
+    return jnp.mean(nats)
+  return jnp.sum(nats * weights_BxL) / jnp.sum(weights_BxL)
 
 
 def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
@@ -72,7 +79,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
   def loss_fn(params, collections, batch, rng):
     logits, aux = model.apply({"params": params, **collections}, batch["inputs"],
                               rngs={"router": rng})
-    ce = cross_entropy(logits, batch["targets"])
+    ce = cross_entropy(logits, batch["targets"], batch.get("weights"))
     return total_loss(ce, aux, cfg.moe), (ce, aux)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
@@ -80,15 +87,21 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["collections"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {**state, "step": state["step"] + 1,
-                 "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state}
-    metrics = {"train/loss": ce, "train/total_loss": loss,
-               "train/grad_norm": optax.tree.norm(grads),
-               "train/lr": schedule(state["step"])}
+                 "params": keep(optax.apply_updates(state["params"], updates), state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]),
+                 "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
+                 "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32)}
+    metrics = {"train/loss": ce, "train/total_loss": loss, "train/grad_norm": grad_norm,
+               "train/lr": schedule(state["step"]),
+               "train/skipped_steps": new_state["skipped_steps"]}
     for k, v in aux["losses"].items():
       metrics[f"train/{k}"] = jnp.sum(v)
-    return new_state, {"scalars": metrics, "moe": {**aux["losses"], **aux["metrics"]}}
+    return new_state, {"scalars": metrics, "finite": finite,
+                       "moe": {**aux["losses"], **aux["metrics"]}}
 
   return jax.jit(step_fn, donate_argnums=0)
 
@@ -123,7 +136,9 @@ def init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation)
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "opt_state": tx.init(params),
           "collections": {k: v for k, v in variables.items() if k != "params"},
-          "wall_seconds": jnp.zeros((), jnp.float32)}
+          "wall_seconds": jnp.zeros((), jnp.float32),
+          "bad_steps": jnp.zeros((), jnp.int32),  # consecutive non-finite steps
+          "skipped_steps": jnp.zeros((), jnp.int32)}
 
 
 def flatten_moe_metrics(moe: dict, layers: list[int]) -> dict[str, float]:
@@ -138,6 +153,50 @@ def flatten_moe_metrics(moe: dict, layers: list[int]) -> dict[str, float]:
         for j, x in enumerate(row):
           out[f"moe/layer{layer}/{name}/e{j}"] = float(x)
   return out
+
+
+# Keys a run may change when it is continued: they do not change what is trained.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every",
+                  "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.max_bad_steps")
+
+
+def config_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
+  """Dotted keys whose value differs between a saved config.json and `cfg`."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[f"{prefix}{k}"] = v
+    return out
+  a, b = flat(saved), flat(json.loads(cfg.to_json_best_effort()))
+  return sorted(k for k in set(a) | set(b)
+                if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUMABLE_KEYS)
+
+
+def check_workdir(cfg: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Refuses a workdir that holds a run of a different config (unless overwrite)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changed = config_changes(saved, cfg)
+  if not changed:
+    return
+  if not overwrite:
+    shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+    raise ValueError(f"--workdir {workdir} holds a run with a different config "
+                     f"(differs in: {shown}); use a fresh --workdir, continue it without "
+                     "--config, or pass --overwrite to discard that run")
+  for name in ("checkpoints", "tb", "metrics.jsonl", "summary.json", "config.json"):
+    p = os.path.join(workdir, name)
+    if os.path.isdir(p):
+      shutil.rmtree(p)
+    elif os.path.exists(p):
+      os.remove(p)
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -158,11 +217,31 @@ class _Clock:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str,
-          data: data_lib.LMData | None = None) -> dict:
-  """Train (or resume) the run in `workdir`; returns the summary dict."""
-  t_start = time.time()
+          data: data_lib.LMData | None = None, *, overwrite: bool = False,
+          batch_hook: Callable[[int, dict], dict] | None = None) -> dict:
+  """Train (or resume) the run in `workdir`; returns the summary dict.
+
+  On SIGTERM/SIGINT the run stops after the current step with a checkpoint
+  and returns {"preempted": True, "steps": step} without writing summary.json.
+  A step with a non-finite loss or gradient norm leaves params and optimizer
+  state untouched and is counted; `train.max_bad_steps` consecutive ones stop
+  the run with NonFiniteError. `batch_hook(step, batch) -> batch` may edit
+  each batch before its step (tests poison one through an optional float
+  "weights" [B, L] entry, the per-token loss weights).
+  """
   data = data or prepare(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock(workdir), StopRequest() as stop:
+    check_workdir(cfg, workdir, overwrite)
+    return _train(cfg, workdir, data, stop, batch_hook)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
+           stop: StopRequest, batch_hook) -> dict:
+  t_start = time.time()
   write_config(cfg, workdir)
   t = cfg.train
   tokens_per_step = t.batch_size * t.seq_len
@@ -170,9 +249,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str,
   state = init_state(cfg, tx)
   ckpt = Checkpointer(workdir, t.keep_checkpoints)
   it = data.train_iterator(t.batch_size, cfg.seed)
-  start = ckpt.latest_step() or 0
+  start, state, data_state = ckpt.restore_latest(state)
   if start:
-    state, data_state = ckpt.restore(start, state)
     it.set_state(data_state)
     print(f"resumed from {workdir}/checkpoints/{start}")
   writer = MetricWriter(workdir, resume_step=start)
@@ -187,9 +265,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str,
   step = start
   first = True
   while step < t.steps:
+    position = it.get_state()
     batch = next(it)
-    state, out = train_step(state, {"inputs": batch["inputs"], "targets": batch["targets"]})
+    batch = {"inputs": batch["inputs"], "targets": batch["targets"]}
+    if batch_hook is not None:
+      batch = batch_hook(step + 1, batch)
+    state, out = train_step(state, batch)
     step += 1
+    if not bool(out["finite"]):
+      bad = int(state["bad_steps"])
+      writer.scalars(step, {"train/skipped_step": 1.0,
+                            "train/skipped_steps": float(state["skipped_steps"])})
+      print(f"warning: step {step} (data position {json.dumps(position)}) had a non-finite "
+            f"loss or gradient norm; skipped ({bad} in a row)")
+      if bad >= t.max_bad_steps:
+        progress.close()
+        writer.close()
+        ckpt.close()
+        raise NonFiniteError(
+            f"{bad} consecutive non-finite steps, the last at step {step} (data position "
+            f"{json.dumps(position)}); stopping (train.max_bad_steps={t.max_bad_steps}). "
+            f"The last good checkpoint is kept in {workdir}/checkpoints.")
     if first:  # exclude compilation from the measured throughput
       jax.block_until_ready(out)
       clock.lap(step)
@@ -215,9 +311,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str,
         for row, layer in zip(load, layers):
           writer.histogram(step, f"moe/layer{layer}/load_hist", row)
       clock.lap(step)  # eval time is not training throughput
-    if step % t.checkpoint_every == 0 or step == t.steps:
+    if step % t.checkpoint_every == 0 or step == t.steps or stop.requested():
       state["wall_seconds"] = jnp.asarray(prior_wall + time.time() - t_start, jnp.float32)
       ckpt.save(step, state, it.get_state())
+    if stop.requested() and step < t.steps:
+      progress.close()
+      ckpt.close()
+      writer.close()
+      print(f"stopped by signal {stop.signum} after step {step}; checkpoint saved, "
+            "re-run the same command to resume")
+      return {"preempted": True, "steps": int(step)}
   progress.close()
   if not last_eval:  # resumed a finished run: evaluate again for the summary
     last_eval = evaluate(eval_step, state, val)

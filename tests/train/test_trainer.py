@@ -31,7 +31,7 @@ def full_run(tmp_path_factory):
 
 def test_run_directory_and_learning(full_run):
   cfg, workdir, summary = full_run
-  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl",
+  assert sorted(f for f in os.listdir(workdir) if f != ".lock") == ["checkpoints", "config.json", "metrics.jsonl",
                                          "summary.json", "tb"]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))

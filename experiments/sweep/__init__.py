@@ -1,0 +1,1 @@
+"""Sweeps: grids over config keys, run as one run directory per point."""
