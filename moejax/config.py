@@ -14,6 +14,9 @@ import ml_collections
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.routers import ROUTERS
 from moejax.moe.routers.topk import ORDERS as TOPK_ORDERS
+from moejax.moe.routers.expert_choice import GROUPS as EXPERT_CHOICE_GROUPS
+from moejax.moe.routers.group_limited import MODES as GROUP_LIMITED_MODES
+from moejax.moe.routers.topk import NOISES as TOPK_NOISES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -60,6 +63,38 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.topk.order = "softmax_topk"
   c.moe.topk.renormalize = True
   c.moe.topk.jitter = 0.0
+  c.moe.topk.noise = "none"  # "gaussian": Shazeer noisy top-k gating
+  c.moe.topk.importance_weight = 0.01  # with noise: weight of the importance loss
+  c.moe.topk.load_weight = 0.01  # with noise: weight of the load loss
+  # Router options (moejax/moe/routers/<name>.py documents each).
+  c.moe.expert_choice = ml_collections.ConfigDict()
+  c.moe.expert_choice.group = "position"  # "batch" is not causal
+  c.moe.group_limited = ml_collections.ConfigDict()
+  c.moe.group_limited.num_groups = 2
+  c.moe.group_limited.mode = "limited"  # or "balanced"
+  c.moe.group_limited.top_groups = 1
+  c.moe.group_limited.renormalize = True
+  c.moe.null_experts = ml_collections.ConfigDict()
+  c.moe.null_experts.num_null = 2
+  c.moe.null_experts.renormalize = True
+  c.moe.top_p = ml_collections.ConfigDict()
+  c.moe.top_p.p = 0.4
+  c.moe.top_p.max_k = 4
+  c.moe.top_p.renormalize = False
+  c.moe.top_p.entropy_weight = 1e-4
+  c.moe.hash = ml_collections.ConfigDict()
+  c.moe.hash.seed = 0
+  c.moe.sigmoid_bias = ml_collections.ConfigDict()
+  c.moe.sigmoid_bias.rate = 1e-3  # bias step per optimizer step
+  c.moe.sigmoid_bias.routed_scaling = 1.0
+  c.moe.relu = ml_collections.ConfigDict()
+  c.moe.relu.max_k = 4  # slots per token; more positive gates overflow
+  c.moe.relu.l1_init = 1e-8  # initial L1 coefficient lambda
+  c.moe.relu.alpha = 1.2  # lambda's multiplicative step
+  c.moe.recurrent = ml_collections.ConfigDict()
+  c.moe.recurrent.hidden = 64  # router state size R
+  c.moe.soft = ml_collections.ConfigDict()
+  c.moe.soft.slots_per_expert = 1
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -158,6 +193,48 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if moe.top_k > moe.num_experts:
     _fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}")
   _choice(moe.topk.order, "moe.topk.order", TOPK_ORDERS)
+  # Router options under moe.<router>; cross-key rules only for the chosen router.
+  e, k = moe.num_experts, moe.top_k
+  _choice(moe.topk.noise, "moe.topk.noise", TOPK_NOISES)
+  for key in ("moe.topk.importance_weight", "moe.topk.load_weight",
+              "moe.top_p.entropy_weight"):
+    _positive(cfg, key, allow_zero=True)
+  for key in ("moe.group_limited.num_groups", "moe.group_limited.top_groups",
+              "moe.null_experts.num_null", "moe.top_p.max_k"):
+    _positive(cfg, key)
+  _choice(moe.expert_choice.group, "moe.expert_choice.group", EXPERT_CHOICE_GROUPS)
+  _choice(moe.group_limited.mode, "moe.group_limited.mode", GROUP_LIMITED_MODES)
+  if not 0 < moe.top_p.p <= 1:
+    _fail("moe.top_p.p", moe.top_p.p, "must be in (0, 1]")
+  if moe.hash.seed < 0:
+    _fail("moe.hash.seed", moe.hash.seed, "must be >= 0")
+  if moe.router == "group_limited":
+    gl = moe.group_limited
+    if e % gl.num_groups:
+      _fail("moe.group_limited.num_groups", gl.num_groups,
+            f"must divide moe.num_experts={e}")
+    if gl.mode == "balanced" and k % gl.num_groups:
+      _fail("moe.group_limited.num_groups", gl.num_groups,
+            f"must divide moe.top_k={k} with moe.group_limited.mode='balanced'")
+    if gl.mode == "limited":
+      if gl.top_groups > gl.num_groups:
+        _fail("moe.group_limited.top_groups", gl.top_groups,
+              f"must be <= moe.group_limited.num_groups={gl.num_groups}")
+      if gl.top_groups * (e // gl.num_groups) < k:
+        _fail("moe.group_limited.top_groups", gl.top_groups,
+              f"must keep at least moe.top_k={k} experts: top_groups * "
+              f"moe.num_experts / num_groups = {gl.top_groups * (e // gl.num_groups)}")
+  if moe.router == "top_p" and moe.top_p.max_k > e:
+    _fail("moe.top_p.max_k", moe.top_p.max_k, f"must be <= moe.num_experts={e}")
+  for key in ("moe.sigmoid_bias.rate", "moe.sigmoid_bias.routed_scaling",
+              "moe.relu.max_k", "moe.relu.l1_init", "moe.recurrent.hidden",
+              "moe.soft.slots_per_expert"):
+    _positive(cfg, key)
+  if moe.relu.alpha <= 1:
+    _fail("moe.relu.alpha", moe.relu.alpha, "must be > 1 (lambda is multiplied or divided by it)")
+  if moe.router == "relu" and not k <= moe.relu.max_k <= e:
+    _fail("moe.relu.max_k", moe.relu.max_k,
+          f"must be in [moe.top_k={k}, moe.num_experts={e}]")
   if moe.first_dense_layers > m.num_layers:
     _fail("moe.first_dense_layers", moe.first_dense_layers,
           f"must be <= model.num_layers={m.num_layers}")

@@ -22,6 +22,19 @@ def dot(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
                     preferred_element_type=jnp.float32)
 
 
+def linear(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  """x[..., K] @ w[K, N] as one 2-D matmul (float32 result).
+
+  XLA:CPU runs the 2-D form of this product markedly faster than the
+  equivalent batched einsum (1.5-2x for forward+backward at [8192, 512] x
+  [512, 2048]), so every projection goes through here.
+  """
+  lead = x.shape[:-1]
+  y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), w.astype(dtype),
+              preferred_element_type=jnp.float32)
+  return y.reshape(*lead, w.shape[-1])
+
+
 def fan_in_init(fan_in: int, scale: float = 1.0):
   """Truncated-normal init with std scale / sqrt(fan_in)."""
   return nn.initializers.truncated_normal(stddev=scale / math.sqrt(fan_in))
@@ -43,9 +56,9 @@ class RMSNorm(nn.Module):
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
            w_down: jax.Array, dtype) -> jax.Array:
   """SwiGLU FFN on [..., D] with weights [D, F], [D, F], [F, D]."""
-  g = dot("...d,df->...f", x, w_gate, dtype)
-  u = dot("...d,df->...f", x, w_up, dtype)
-  return dot("...f,fd->...d", nn.silu(g) * u, w_down, dtype)
+  g = linear(x, w_gate, dtype)
+  u = linear(x, w_up, dtype)
+  return linear(nn.silu(g) * u, w_down, dtype)
 
 
 class SwiGLU(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_collections
 import pytest
 
 from moejax.config import ConfigError, default_config, validate
@@ -30,14 +31,35 @@ def test_defaults_and_quickstart_are_valid():
     ("data.val_fraction", 1.5, ["data.val_fraction", "1.5", "(0, 1)"]),
     ("train.steps", 0, ["train.steps", "0", "positive"]),
     ("train.warmup_steps", 100, ["train.warmup_steps", "100", "train.steps=30"]),
+    ("model.d_model", "128", ["model.d_model", "'128'", "type int"]),
+    ("moe.enabled", "yes", ["moe.enabled", "'yes'", "type bool"]),
+    ("train.lr", "fast", ["train.lr", "'fast'", "type float"]),
+    ("data.path", 3, ["data.path", "3", "type str"]),
+    ("moe.top_k", 2.5, ["moe.top_k", "2.5", "type int"]),
+    ("moe.aux_loss_weight", -1.0, ["moe.aux_loss_weight", "-1.0", "non-negative"]),
+    ("train.weight_decay", -0.1, ["train.weight_decay", "-0.1", "non-negative"]),
+    ("train.grad_clip", -1.0, ["train.grad_clip", "-1.0", "non-negative"]),
+    ("moe.num_shared_experts", -1, ["moe.num_shared_experts", "-1", "non-negative"]),
+    ("moe.first_dense_layers", 5, ["moe.first_dense_layers", "5", "model.num_layers=2"]),
+    ("train.min_lr_ratio", 2.0, ["train.min_lr_ratio", "2.0", "[0, 1]"]),
+    ("train.batch_size", 0, ["train.batch_size", "0", "positive"]),
+    ("train.seq_len", -1, ["train.seq_len", "-1", "positive"]),
+    ("moe.expert_hidden", 0, ["moe.expert_hidden", "0", "positive"]),
+    ("moe.num_experts", 0, ["moe.num_experts", "0", "positive"]),
+    ("train.keep_checkpoints", 0, ["train.keep_checkpoints", "0", "positive"]),
+    ("train.max_bad_steps", 0, ["train.max_bad_steps", "0", "positive"]),
+    ("model.num_heads", 32, ["model.num_heads", "32", "even for RoPE"]),
+    ("moe.topk.jitter", -0.5, ["moe.topk.jitter", "-0.5", "non-negative"]),
+    ("model.tie_embeddings", 1, ["model.tie_embeddings", "1", "type bool"]),
 ])
 def test_bad_values(key, value, words):
-  cfg = tiny_config()
+  d = tiny_config().to_dict()  # a raw dict: as loaded from JSON, no type safety
   *path, last = key.split(".")
-  node = cfg
+  node = d
   for p in path:
     node = node[p]
   node[last] = value
+  cfg = ml_collections.ConfigDict(d)
   with pytest.raises(ConfigError) as e:
     validate(cfg)
   for w in words:
@@ -64,6 +86,13 @@ def test_sequence_longer_than_corpus(tmp_path):
   cfg.data.path = str(tmp_path)
   cfg.train.seq_len = 4096
   with pytest.raises(ValueError, match="train.seq_len"):
+    trainer.prepare(cfg)
+
+
+def test_vocab_too_small():
+  cfg = tiny_config()
+  cfg.model.vocab_size = 100
+  with pytest.raises(ValueError, match="model.vocab_size=100.*258"):
     trainer.prepare(cfg)
 
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers import DTYPES, dot, fan_in_init
+from moejax.layers import DTYPES, dot, fan_in_init, linear
 
 
 def rope(x_BxLxHxK: jax.Array, theta: float) -> jax.Array:
@@ -39,11 +39,14 @@ class CausalAttention(nn.Module):
     dt = DTYPES[self.dtype]
     w_qkv = self.param("w_qkv", fan_in_init(d), (d, 3, h, k))
     w_out = self.param("w_out", fan_in_init(d, self.out_scale), (h, k, d))
-    qkv = dot("bld,dthk->tblhk", x_BxLxD, w_qkv, dt)
-    q, kk, v = rope(qkv[0], self.rope_theta), rope(qkv[1], self.rope_theta), qkv[2]
+    b = x_BxLxD.shape[0]
+    qkv = linear(x_BxLxD, w_qkv.reshape(d, 3 * h * k), dt).reshape(b, l, 3, h, k)
+    q = rope(qkv[:, :, 0], self.rope_theta)
+    kk = rope(qkv[:, :, 1], self.rope_theta)
+    v = qkv[:, :, 2]
     s_BxHxLxL = dot("blhk,bmhk->bhlm", q, kk, dt) / math.sqrt(k)
     causal_LxL = jnp.tril(jnp.ones((l, l), bool))
     s_BxHxLxL = jnp.where(causal_LxL, s_BxHxLxL, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s_BxHxLxL, axis=-1)
     o_BxLxHxK = dot("bhlm,bmhk->blhk", p, v, dt)
-    return dot("blhk,hkd->bld", o_BxLxHxK, w_out, dt)
+    return linear(o_BxLxHxK.reshape(b, l, h * k), w_out.reshape(h * k, d), dt)

@@ -10,27 +10,36 @@ time does not grow with depth.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import DTYPES, RMSNorm, SwiGLU, dot
+from moejax.layers import DTYPES, RMSNorm, SwiGLU, dot, linear
 from moejax.model.attention import CausalAttention
 from moejax.moe import MoELayer
+from moejax.moe.routers import get_router
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + Attn(norm x); x + FFN(norm x)."""
+  """Pre-norm residual block: x + Attn(norm x); x + FFN(norm x).
+
+  The carry is (x [B, L, D], router carry); the router carry is state a
+  router passes from one MoE layer to the next (the layerwise recurrent
+  router's hidden state) and `shared` holds router weights shared by all
+  layers; both are empty for other routers.
+  """
 
   cfg: ml_collections.FrozenConfigDict
   use_moe: bool
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, token_ids_BxL: jax.Array
-               ) -> tuple[jax.Array, dict | None]:
+  def __call__(self, carry: tuple[jax.Array, Any], token_ids_BxL: jax.Array,
+               shared: dict) -> tuple[tuple[jax.Array, Any], dict | None]:
+    x_BxLxD, router_carry = carry
     m = self.cfg.model
     out_scale = 1.0 / math.sqrt(2 * m.num_layers)
     h = CausalAttention(m.num_heads, m.rope_theta, m.dtype, out_scale,
@@ -39,11 +48,12 @@ class Block(nn.Module):
     z = RMSNorm(name="ffn_norm")(x_BxLxD)
     aux = None
     if self.use_moe:
-      h, aux = MoELayer(self.cfg.moe, m.dtype, out_scale, name="moe")(
-          z, token_ids_BxL=token_ids_BxL, deterministic=self.deterministic)
+      h, aux, router_carry = MoELayer(self.cfg.moe, m.dtype, out_scale, name="moe")(
+          z, token_ids_BxL=token_ids_BxL, router_carry=router_carry, shared=shared,
+          deterministic=self.deterministic)
     else:
       h = SwiGLU(m.ffn_hidden, m.dtype, out_scale, name="ffn")(z)
-    return x_BxLxD + h, aux
+    return (x_BxLxD + h, router_carry), aux
 
 
 class Period(nn.Module):
@@ -55,23 +65,23 @@ class Period(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, token_ids_BxL: jax.Array):
+  def __call__(self, carry, token_ids_BxL: jax.Array, shared: dict):
     block = Block
     if self.cfg.model.remat:
-      block = nn.remat(Block, prevent_cse=False, static_argnums=())
+      block = nn.remat(Block, prevent_cse=False)
     aux = None
     for j in range(self.n):
-      x_BxLxD, a = block(self.cfg, self.first_moe and j == 0, self.deterministic,
-                         name=f"block{j}")(x_BxLxD, token_ids_BxL)
+      carry, a = block(self.cfg, self.first_moe and j == 0, self.deterministic,
+                       name=f"block{j}")(carry, token_ids_BxL, shared)
       aux = a if a is not None else aux
-    return x_BxLxD, aux
+    return carry, aux
 
 
 def _scanned(cfg, length: int, n: int, first_moe: bool, deterministic: bool,
              name: str) -> nn.Module:
   stack = nn.scan(Period, variable_axes={"params": 0, "moe_state": 0},
                   split_rngs={"params": True, "router": True},
-                  in_axes=nn.broadcast, length=length,
+                  in_axes=(nn.broadcast, nn.broadcast), length=length,
                   metadata_params={nn.PARTITION_NAME: "layers"})
   return stack(cfg, n, first_moe, deterministic, name=name)
 
@@ -87,8 +97,9 @@ def layer_plan(cfg) -> tuple[int, int]:
 class TransformerLM(nn.Module):
   """ids [B, L] -> (logits [B, L, V] float32, aux).
 
-  aux = {"losses": {name: [num_moe_layers]}, "metrics": {name: [num_moe_layers, ...]}}
-  (empty dicts for a dense model).
+  aux = {"losses": {name: [num_moe_layers]}, "metrics": {name: [num_moe_layers, ...]},
+         "state_stats": {name: [num_moe_layers, ...]}} (empty dicts for a dense model);
+  state_stats feed the routers' non-trained state updates (moejax.moe.state).
   """
 
   cfg: ml_collections.FrozenConfigDict
@@ -101,18 +112,26 @@ class TransformerLM(nn.Module):
                        (m.vocab_size, m.d_model))
     x = jnp.take(embed, ids_BxL, axis=0)
     n_dense, n_periods = layer_plan(self.cfg)
-    if n_dense:
-      x, _ = _scanned(self.cfg, n_dense, 1, False, self.deterministic,
-                      "dense_layers")(x, ids_BxL)
-    aux = {"losses": {}, "metrics": {}}
+    carry, shared = (x, {}), {}
     if n_periods:
-      x, aux = _scanned(self.cfg, n_periods, self.cfg.moe.every, True,
-                        self.deterministic, "moe_layers")(x, ids_BxL)
+      router = get_router(self.cfg.moe.router)
+      if getattr(router, "uses_carry", False):
+        b, l = ids_BxL.shape
+        carry = (x, router.init_carry(b * l, self.cfg.moe))
+        shared = router.make_shared(self, m.d_model, self.cfg.moe)
+    if n_dense:
+      carry, _ = _scanned(self.cfg, n_dense, 1, False, self.deterministic,
+                          "dense_layers")(carry, ids_BxL, shared)
+    aux = {"losses": {}, "metrics": {}, "state_stats": {}}
+    if n_periods:
+      carry, aux = _scanned(self.cfg, n_periods, self.cfg.moe.every, True,
+                            self.deterministic, "moe_layers")(carry, ids_BxL, shared)
+    x = carry[0]
     x = RMSNorm(name="final_norm")(x)
     if m.tie_embeddings:
       logits = dot("bld,vd->blv", x, embed, DTYPES[m.dtype])
     else:
       head = self.param("head", nn.initializers.normal(1.0 / math.sqrt(m.d_model)),
                         (m.d_model, m.vocab_size))
-      logits = dot("bld,dv->blv", x, head, DTYPES[m.dtype])
+      logits = linear(x, head, DTYPES[m.dtype])
     return logits, aux

@@ -3,10 +3,14 @@
 Config (`moe.*`): num_experts, top_k, router, dispatch, capacity_factor,
 expert_hidden (F of each routed expert), num_shared_experts (dense SwiGLU
 experts every token uses, DeepSeekMoE), aux_loss_weight, z_loss_weight and
-the router's own options under `moe.<router>`.
+the router's own options under `moe.<router>`. A router returning a
+`SoftAssignment` (soft) is applied by the soft dispatcher whatever
+`moe.dispatch` is, and reports load 1/E per expert and E experts per token.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,16 +21,20 @@ from moejax.layers import DTYPES, SwiGLU
 from moejax.moe import losses as moe_losses
 from moejax.moe import metrics as moe_metrics
 from moejax.moe.dispatch import get_dispatcher
+from moejax.moe.dispatch.soft import soft_dispatch
 from moejax.moe.experts import Experts
 from moejax.moe.routers import get_router
+from moejax.moe.types import SoftAssignment
 
 
 class MoELayer(nn.Module):
   """Routed SwiGLU experts (plus optional shared experts) on [B, L, D] inputs.
 
-  Returns (y [B, L, D] float32, aux) with aux = {"losses": unweighted
-  auxiliary losses, "metrics": routing metrics}; the trainer weights the
-  losses with `moe.aux_loss_weight` / `moe.z_loss_weight`.
+  Returns (y [B, L, D] float32, aux, router carry) with aux = {"losses":
+  auxiliary losses, "metrics": routing metrics, "state_stats": what the
+  router's non-trained state update needs}. The trainer weights
+  `load_balance` / `z_loss` with `moe.aux_loss_weight` / `moe.z_loss_weight`
+  and adds other losses (already weighted by their router) as they are.
   """
 
   cfg: ml_collections.FrozenConfigDict  # the `moe` config
@@ -35,28 +43,58 @@ class MoELayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, *, token_ids_BxL: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, dict]:
+               router_carry: Any = None, shared: dict | None = None,
+               deterministic: bool = True) -> tuple[jax.Array, dict, Any]:
     cfg = self.cfg
     b, l, d = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(b * l, d)
     ids_T = None if token_ids_BxL is None else token_ids_BxL.reshape(b * l)
-    route = get_router(cfg.router)(cfg, name="router")(
-        x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic)
+    router_cls = get_router(cfg.router)
+    extra = {}
+    if getattr(router_cls, "uses_carry", False):
+      extra = {"carry": router_carry, "shared": shared}
+    route = router_cls(cfg, name="router")(
+        x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic, **extra)
     w = Experts(cfg.num_experts, cfg.expert_hidden, self.out_scale,
                 name="experts")(d)
-    y_TxD, stats = get_dispatcher(cfg.dispatch)(
-        x_TxD, route.assignment, w, dtype=DTYPES[self.dtype], cfg=cfg)
+    soft = isinstance(route.assignment, SoftAssignment)
+    # A SoftAssignment (Soft MoE) always goes to the soft dispatcher: the
+    # sparse dispatchers named by moe.dispatch take an `Assignment`.
+    dispatch = soft_dispatch if soft else get_dispatcher(cfg.dispatch)
+    y_TxD, stats = dispatch(x_TxD, route.assignment, w, dtype=DTYPES[self.dtype], cfg=cfg)
     if cfg.num_shared_experts > 0:
       y_TxD = y_TxD + SwiGLU(cfg.num_shared_experts * cfg.expert_hidden,
                              self.dtype, self.out_scale, name="shared")(x_TxD)
 
-    counts_E = route.assignment.expert_counts(route.probs_TxE.shape[-1])
-    losses = {"load_balance": moe_losses.switch_load_balance(route.probs_TxE, counts_E),
-              "z_loss": moe_losses.router_z_loss(route.logits_TxE),
-              **route.losses}
+    if soft:  # every expert processes the same number of slots: uniform load
+      counts_E = jnp.ones((cfg.num_experts,), jnp.float32)
+      experts_per_token = jnp.asarray(cfg.num_experts, jnp.float32)
+    else:
+      counts_E = route.assignment.expert_counts(cfg.num_experts)
+      experts_per_token = jnp.sum(route.assignment.valid) / (b * l)
+    zero = jnp.zeros((), jnp.float32)
+    losses = {"load_balance": zero, "z_loss": zero}
     metrics = {**moe_metrics.load_metrics(counts_E),
-               **moe_metrics.router_metrics(route.probs_TxE),
-               "experts_per_token": jnp.sum(route.assignment.valid) / (b * l),
+               "router_entropy": zero, "top1_prob": zero,
+               "experts_per_token": experts_per_token,
                "dropped_fraction": stats["dropped_fraction"],
-               **route.metrics}
-    return y_TxD.reshape(b, l, d), {"losses": losses, "metrics": metrics}
+               # Router-specific entries of the fixed schema; routers that have
+               # them override these in `route.metrics`.
+               "overflow_fraction": zero, "null_fraction": zero,
+               "bias_norm": zero, "l1_coef": zero}
+    if route.probs_TxE is not None:
+      balance_E = (route.balance_counts_E if route.balance_counts_E is not None
+                   else counts_E)
+      losses["load_balance"] = moe_losses.switch_load_balance(route.probs_TxE, balance_E)
+      metrics.update(moe_metrics.router_metrics(route.probs_TxE))
+    if route.logits_TxE is not None:
+      losses["z_loss"] = moe_losses.router_z_loss(route.logits_TxE)
+    losses.update(route.losses)
+    unknown = set(route.metrics) - set(metrics)
+    if unknown:
+      raise ValueError(f"router {cfg.router!r} reports metrics {sorted(unknown)} outside "
+                       f"the MoE metric schema {sorted(metrics)}")
+    metrics.update(route.metrics)
+    aux = {"losses": losses, "metrics": metrics, "state_stats": route.state_stats}
+    new_carry = route.carry if extra else router_carry
+    return y_TxD.reshape(b, l, d), aux, new_carry

@@ -22,3 +22,16 @@ def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
   """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
   z_T = jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1)
   return jnp.mean(z_T * z_T)
+
+
+def sequence_load_balance(probs_TxE: jax.Array, counts_BxE: jax.Array,
+                          batch: int) -> jax.Array:
+  """Switch balance computed within each sequence, averaged over sequences.
+
+  Tokens are batch-major (token t belongs to sequence t // L); counts_BxE are
+  the per-sequence valid assignment counts (DeepSeek-V3's sequence-wise loss).
+  """
+  num_experts = probs_TxE.shape[-1]
+  p_BxE = jnp.mean(probs_TxE.astype(jnp.float32).reshape(batch, -1, num_experts), axis=1)
+  f_BxE = counts_BxE / jnp.maximum(jnp.sum(counts_BxE, axis=-1, keepdims=True), 1.0)
+  return num_experts * jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))

@@ -41,11 +41,23 @@ class Assignment:
 
 @flax.struct.dataclass
 class SoftAssignment:
-  """Soft MoE / Mixture of Tokens: dense mixing over S = E * slots slots.
+  """Soft MoE / Mixture of Tokens: dense mixing within G groups of M tokens.
 
-  Slot s receives sum_t dispatch[t, s] * x[t]; token t receives
-  sum_s combine[t, s] * y[s]. Slot s belongs to expert s // slots_per_expert.
+  Group g holds the flat tokens `token[g, :]` (each token in exactly one
+  group); its S = E * slots_per_expert slots each take a convex combination
+  of the group's tokens, x_slot[g, s] = sum_m dispatch[g, m, s] * x[token[g, m]],
+  slot s is processed by expert s // slots_per_expert, and token token[g, m]
+  receives sum_s combine[g, m, s] * y_slot[g, s]. dispatch sums to 1 over m
+  (per slot), combine sums to 1 over s (per token). Grouping is what keeps a
+  decoder causal: the soft router groups the tokens at one sequence position
+  across the batch, never tokens along the sequence.
   """
 
-  dispatch: jax.Array  # [T, S] float32
-  combine: jax.Array  # [T, S] float32
+  token: jax.Array  # [G, M] int32, in [0, T)
+  dispatch: jax.Array  # [G, M, S] float32
+  combine: jax.Array  # [G, M, S] float32
+
+  @property
+  def num_slots(self) -> int:
+    """S, the number of slots per group (all experts)."""
+    return self.dispatch.shape[-1]

@@ -24,6 +24,7 @@ import optax
 from moejax import model as lm
 from moejax.config import validate
 from moejax.model.transformer import layer_plan
+from moejax.moe.state import update_router_state
 from moejax.train import data as data_lib
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import lr_schedule, make_optimizer
@@ -64,12 +65,20 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
 
 
 def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
-  """Cross-entropy plus the weighted auxiliary losses summed over MoE layers."""
+  """Cross-entropy plus the auxiliary losses summed over MoE layers.
+
+  `load_balance` and `z_loss` are weighted by moe.aux_loss_weight and
+  moe.z_loss_weight; router-specific losses come weighted by their router.
+  """
   losses = aux["losses"]
   if not losses:
     return ce
-  return (ce + moe_cfg.aux_loss_weight * jnp.sum(losses["load_balance"])
-          + moe_cfg.z_loss_weight * jnp.sum(losses["z_loss"]))
+  total = (ce + moe_cfg.aux_loss_weight * jnp.sum(losses["load_balance"])
+           + moe_cfg.z_loss_weight * jnp.sum(losses["z_loss"]))
+  for k, v in losses.items():
+    if k not in ("load_balance", "z_loss"):
+      total = total + jnp.sum(v)
+  return total
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation):
@@ -90,7 +99,13 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {**state, "step": state["step"] + 1,
+    collections = state["collections"]
+    if "moe_state" in collections and aux["state_stats"]:
+      stats = jax.tree.map(lambda v: jnp.where(finite, v, jnp.zeros_like(v)),
+                           aux["state_stats"])
+      new_moe_state = update_router_state(collections["moe_state"], stats, cfg.moe)
+      collections = {**collections, "moe_state": keep(new_moe_state, collections["moe_state"])}
+    new_state = {**state, "step": state["step"] + 1, "collections": collections,
                  "params": keep(optax.apply_updates(state["params"], updates), state["params"]),
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),

@@ -20,7 +20,8 @@ B, L, D, F = 2, 7, 8, 16  # T = 14 tokens
 
 LOSS_KEYS = {"load_balance", "z_loss"}
 METRIC_KEYS = {"load", "load_max_over_mean", "load_cv", "router_entropy",
-               "top1_prob", "experts_per_token", "dropped_fraction"}
+               "top1_prob", "experts_per_token", "dropped_fraction",
+               "overflow_fraction", "null_fraction", "bias_norm", "l1_coef"}
 
 
 def _cfg(e=4, k=2, dispatch="dense", shared=0, order="softmax_topk",
@@ -35,7 +36,8 @@ def _cfg(e=4, k=2, dispatch="dense", shared=0, order="softmax_topk",
 @functools.lru_cache(maxsize=None)
 def _layer(cfg, dtype="float32"):
   layer = MoELayer(cfg, dtype=dtype)
-  return layer, jax.jit(layer.apply)
+  # (y, aux); the third output, the router carry, is None for these routers.
+  return layer, jax.jit(lambda *a, **kw: layer.apply(*a, **kw)[:2])
 
 
 def _x(seed=0):
@@ -86,7 +88,8 @@ def _reference_layer(p, x, cfg):
 
 
 def _assert_aux_schema(aux, e):
-  assert set(aux) == {"losses", "metrics"}
+  assert set(aux) == {"losses", "metrics", "state_stats"}
+  assert aux["state_stats"] == {}  # top-k keeps no non-trained state
   assert set(aux["losses"]) == LOSS_KEYS
   assert set(aux["metrics"]) == METRIC_KEYS
   for v in aux["losses"].values():
@@ -251,7 +254,7 @@ def _grad_fn(cfg):
   layer = MoELayer(cfg)
 
   def loss(params, x, ct):
-    y, aux = layer.apply(params, x)
+    y, aux, _ = layer.apply(params, x)
     return (jnp.sum(y * ct) + 0.1 * aux["losses"]["load_balance"]
             + 0.01 * aux["losses"]["z_loss"])
 
@@ -310,7 +313,7 @@ def test_jitter_only_in_training():
   x = jnp.asarray(_x(10))
   params, _ = _init(cfg, x)
   layer = MoELayer(cfg)
-  train = jax.jit(functools.partial(layer.apply, deterministic=False))
+  train = jax.jit(lambda *a, **kw: layer.apply(*a, deterministic=False, **kw)[:2])
   y1, _ = train(params, x, rngs={"router": jax.random.key(1)})
   y1b, _ = train(params, x, rngs={"router": jax.random.key(1)})
   y2, _ = train(params, x, rngs={"router": jax.random.key(2)})

@@ -35,5 +35,14 @@ def get_router(name: str) -> type[nn.Module]:
 
 # Importing a router module registers it.
 from moejax.moe.routers import topk as _topk  # noqa: E402,F401
+from moejax.moe.routers import expert_choice as _expert_choice  # noqa: E402,F401
+from moejax.moe.routers import group_limited as _group_limited  # noqa: E402,F401
+from moejax.moe.routers import hash as _hash  # noqa: E402,F401
+from moejax.moe.routers import null_experts as _null_experts  # noqa: E402,F401
+from moejax.moe.routers import top_p as _top_p  # noqa: E402,F401
+from moejax.moe.routers import recurrent as _recurrent  # noqa: E402,F401
+from moejax.moe.routers import relu as _relu  # noqa: E402,F401
+from moejax.moe.routers import sigmoid_bias as _sigmoid_bias  # noqa: E402,F401
+from moejax.moe.routers import soft as _soft  # noqa: E402,F401
 
 __all__ = ["ROUTERS", "RouterOutput", "get_router", "register"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 
@@ -13,13 +15,30 @@ class RouterOutput:
   """A routing decision plus what balancing losses and metrics need.
 
   `logits_TxE` / `probs_TxE` are float32 over the router's choices (for
-  routers with null experts, E counts them too). `losses` holds unweighted
-  router-specific auxiliary losses; the generic ones (switch balance, z-loss)
-  are formed by the MoE layer from the logits, probabilities and assignment.
+  routers with null experts, E counts them too); a router without learned
+  scores (hash) leaves them None and the layer reports no balance/z-loss.
+  `balance_counts_E` are the per-choice counts the balancing loss uses when
+  they differ from the assignment's valid slots (null experts count there).
+  `losses` holds unweighted router-specific auxiliary losses; the generic ones
+  (switch balance, z-loss) are formed by the MoE layer. `metrics` are scalars
+  (or [E] vectors) added to the layer's metric schema.
   """
 
   assignment: Assignment | SoftAssignment
-  logits_TxE: jax.Array
-  probs_TxE: jax.Array
+  logits_TxE: jax.Array | None
+  probs_TxE: jax.Array | None
   losses: dict = flax.struct.field(default_factory=dict)
   metrics: dict = flax.struct.field(default_factory=dict)
+  balance_counts_E: jax.Array | None = None
+  state_stats: dict = flax.struct.field(default_factory=dict)
+  carry: Any = None
+
+
+# Optional hooks a router class may define (see DESIGN section 2):
+#   uses_carry = True; init_carry(num_tokens, cfg) -> pytree;
+#   make_shared(module, d, cfg) -> dict   (params shared by all layers,
+#       created in the model's scope);    __call__(..., carry=, shared=)
+#       then returns RouterOutput(carry=new carry).
+#   update_state(state: dict, stats: dict, cfg) -> dict   (pure; updates the
+#       router's "moe_state" variables after each optimizer step from the
+#       `state_stats` of the step, summed over the whole global batch).

@@ -1,10 +1,20 @@
-"""Token-choice top-k router (Switch / GShard / Mixtral).
+"""Token-choice top-k router (Switch / GShard / Mixtral), optionally noisy.
 
 Options under `moe.topk`:
   order: "softmax_topk" (softmax over all experts, then top-k; Switch/GShard)
          or "topk_softmax" (top-k on logits, softmax over the k; Mixtral).
   renormalize: with softmax_topk, rescale the k weights to sum to 1.
   jitter: multiplicative input jitter eps (x * U[1-eps, 1+eps]) in training.
+  noise: "none" or "gaussian": Shazeer et al. (2017) noisy top-k gating. In
+         training the logits get softplus(x @ w_noise) + 1e-2 times N(0, 1)
+         noise (rng stream "router"; `w_noise` is learned and starts at zero,
+         as in the paper); evaluation uses the clean logits.
+  importance_weight, load_weight: with noise on, the router returns the
+         paper's two balancing losses, already multiplied by these weights:
+         "importance_loss" = w * CV^2 of the per-expert sums of the gates
+         (the combine weights) and "load_loss" = w * CV^2 of the per-expert
+         sums of the smooth probability (normal CDF) that the expert is in a
+         token's top-k under a fresh draw of the noise.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from moejax.moe.routers.base import RouterOutput
 from moejax.moe.types import Assignment
 
 ORDERS = ("softmax_topk", "topk_softmax")
+NOISES = ("none", "gaussian")
+NOISE_EPS = 1e-2  # floor of the noise std (Shazeer et al.'s noise_epsilon)
 
 
 def topk_route(logits_TxE: jax.Array, k: int, order: str = "softmax_topk",
@@ -51,11 +63,57 @@ def topk_route(logits_TxE: jax.Array, k: int, order: str = "softmax_topk",
   return assignment, probs_TxE
 
 
+def cv_squared(x_E: jax.Array) -> jax.Array:
+  """Squared coefficient of variation var/(mean^2 + 1e-10); 0 for one expert."""
+  x_E = x_E.astype(jnp.float32)
+  if x_E.shape[0] <= 1:
+    return jnp.zeros((), jnp.float32)
+  return jnp.var(x_E) / (jnp.mean(x_E) ** 2 + 1e-10)
+
+
+def load_probs(clean_TxE: jax.Array, noisy_TxE: jax.Array, std_TxE: jax.Array,
+               k: int) -> jax.Array:
+  """P[t, i]: smooth probability that expert i is in token t's noisy top-k.
+
+  Shazeer et al. (2017): Phi((clean_i - thr_i) / std_i) with thr_i the k-th
+  largest noisy logit among the *other* experts, i.e. the (k+1)-th largest
+  noisy logit if i is in the noisy top-k and the k-th largest otherwise.
+  With k = E every expert is always selected (P = 1).
+  """
+  if k >= clean_TxE.shape[-1]:
+    return jnp.ones(clean_TxE.shape, jnp.float32)
+  top_TxK1, _ = jax.lax.top_k(noisy_TxE, k + 1)
+  thr_in_Tx1, thr_out_Tx1 = top_TxK1[:, k:k + 1], top_TxK1[:, k - 1:k]
+  is_in_TxE = noisy_TxE > thr_in_Tx1
+  p_in = jax.scipy.stats.norm.cdf((clean_TxE - thr_in_Tx1) / std_TxE)
+  p_out = jax.scipy.stats.norm.cdf((clean_TxE - thr_out_Tx1) / std_TxE)
+  return jnp.where(is_in_TxE, p_in, p_out)
+
+
+def importance_load_losses(assignment: Assignment, clean_TxE: jax.Array,
+                           noisy_TxE: jax.Array, std_TxE: jax.Array, k: int
+                           ) -> tuple[jax.Array, jax.Array]:
+  """Unweighted (importance, load) losses: CV^2 of per-expert gate sums and loads."""
+  t, e = clean_TxE.shape
+  importance_E = jnp.sum(assignment.combine_matrix(t, e), axis=0)
+  load_E = jnp.sum(load_probs(clean_TxE, noisy_TxE, std_TxE, k), axis=0)
+  return cv_squared(importance_E), cv_squared(load_E)
+
+
 @register("topk")
 class TopKRouter(nn.Module):
-  """Linear gate + `topk_route`."""
+  """Linear gate (+ optional learned Gaussian noise) + `topk_route`.
+
+  With noise on, `logits_TxE` / `probs_TxE` are the noisy ones that routed
+  (so the switch balance and z-loss see what the top-k saw).
+  """
 
   cfg: ml_collections.FrozenConfigDict  # the `moe` config
+
+  @staticmethod
+  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+    """Router parameters per MoE layer."""
+    return d_model * cfg.num_experts * (2 if cfg.topk.noise == "gaussian" else 1)
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
@@ -63,15 +121,32 @@ class TopKRouter(nn.Module):
                deterministic: bool = True) -> RouterOutput:
     del shape_BxL, token_ids
     opts = self.cfg.topk
-    d = x_TxD.shape[-1]
+    noise = opts.noise
+    if noise not in NOISES:
+      raise ValueError(f"moe.topk.noise={noise!r}; allowed: {NOISES}")
+    d, e, k = x_TxD.shape[-1], self.cfg.num_experts, self.cfg.top_k
     x = x_TxD.astype(jnp.float32)
     if opts.jitter > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng("router"), x.shape,
                                  minval=1.0 - opts.jitter,
                                  maxval=1.0 + opts.jitter)
-    w_DxE = self.param("w_gate", fan_in_init(d), (d, self.cfg.num_experts))
+    w_DxE = self.param("w_gate", fan_in_init(d), (d, e))
     logits_TxE = jnp.dot(x, w_DxE, precision="highest")
-    assignment, probs_TxE = topk_route(logits_TxE, self.cfg.top_k, opts.order,
+    losses = {}
+    if noise == "gaussian":
+      w_noise_DxE = self.param("w_noise", nn.initializers.zeros, (d, e))
+      std_TxE = jax.nn.softplus(
+          jnp.dot(x, w_noise_DxE, precision="highest")) + NOISE_EPS
+      clean_TxE = logits_TxE
+      if not deterministic:
+        logits_TxE = clean_TxE + std_TxE * jax.random.normal(
+            self.make_rng("router"), clean_TxE.shape, jnp.float32)
+    assignment, probs_TxE = topk_route(logits_TxE, k, opts.order,
                                        opts.renormalize)
+    if noise == "gaussian":
+      imp, load = importance_load_losses(assignment, clean_TxE, logits_TxE,
+                                         std_TxE, k)
+      losses = {"importance_loss": opts.importance_weight * imp,
+                "load_loss": opts.load_weight * load}
     return RouterOutput(assignment=assignment, logits_TxE=logits_TxE,
-                        probs_TxE=probs_TxE)
+                        probs_TxE=probs_TxE, losses=losses)

@@ -1,0 +1,120 @@
+"""ReLU router (ReMoE, Wang et al. 2024): a variable number of experts per token.
+
+gates = relu(logits); a token uses every expert whose gate is positive, with
+the gate itself as output weight (ReMoE uses no softmax and no
+renormalisation, and we add no RMSNorm on the output). Sparsity is
+controlled by ReMoE's load-balanced L1 penalty
+
+  L_reg = sum_e f_e * mean_t gate_te,   f_e = E / (k T) * #{t: gate_te > 0}
+
+(f_e held constant, as its indicator has no gradient), times a coefficient
+lambda adapted every step: lambda *= alpha^sign(active - k/E), with
+`active` the fraction of positive (token, expert) pairs, so it drives that
+fraction to k/E. lambda ("moe_state" "l1_coef") is updated after the
+optimizer step from the active-pair counts of the global batch summed over
+all MoE layers (ReMoE's single coefficient for the model-average sparsity;
+every layer's copy gets the same update). The loss `relu_l1` is returned
+already multiplied by lambda and is summed (not averaged) over layers.
+
+Static shapes: the assignment has A = T * max_k slots; a token keeps its
+max_k largest positive gates, the rest are dropped and reported as
+`overflow_fraction` (share of positive gates dropped). `probs_TxE` =
+softmax(logits) under stop-gradient (a token may have no positive gate), so
+the switch balance loss and entropy / top-1 metrics only report; logits_TxE
+is None (a z-loss would fight the L1 control).
+
+Options under `moe.relu`: max_k, l1_init (lambda_0), alpha.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moejax.layers import fan_in_init
+from moejax.moe.routers import register
+from moejax.moe.routers.base import RouterOutput
+from moejax.moe.types import Assignment
+
+
+def relu_route(logits_TxE: jax.Array, max_k: int
+               ) -> tuple[Assignment, jax.Array, jax.Array]:
+  """Pure routing math; returns (assignment, gates_TxE, overflow_fraction).
+
+  Slots are choice-major (slot c*T + t is token t's c-th largest gate);
+  a slot is valid iff its gate is positive.
+  """
+  gates_TxE = jax.nn.relu(logits_TxE.astype(jnp.float32))
+  t = gates_TxE.shape[0]
+  g_TxK, e_TxK = jax.lax.top_k(gates_TxE, max_k)
+  valid_TxK = g_TxK > 0
+  positive = jnp.sum(gates_TxE > 0)
+  overflow = (positive - jnp.sum(valid_TxK)) / jnp.maximum(positive, 1)
+  assignment = Assignment(
+      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), max_k),
+      expert=e_TxK.T.reshape(-1).astype(jnp.int32),
+      weight=g_TxK.T.reshape(-1),
+      valid=valid_TxK.T.reshape(-1),
+  )
+  return assignment, gates_TxE, overflow.astype(jnp.float32)
+
+
+def load_balanced_l1(gates_TxE: jax.Array, k: int) -> jax.Array:
+  """ReMoE's L_reg = sum_e f_e * mean_t gate_te, f_e = E/(kT) * #active (constant)."""
+  t, e = gates_TxE.shape
+  f_E = jax.lax.stop_gradient(e / (k * t) * jnp.sum(gates_TxE > 0, axis=0))
+  return jnp.sum(f_E * jnp.mean(gates_TxE, axis=0))
+
+
+def update_l1_coef(coef: jax.Array, active: jax.Array, pairs: jax.Array,
+                   target: float, alpha: float) -> jax.Array:
+  """lambda * alpha^sign(active fraction - target)."""
+  frac = active / jnp.maximum(pairs, 1.0)
+  return coef * jnp.power(alpha, jnp.sign(frac - target))
+
+
+@register("relu")
+class ReLURouter(nn.Module):
+  """Linear gate + `relu_route` + the adaptive load-balanced L1 penalty."""
+
+  cfg: ml_collections.FrozenConfigDict  # the `moe` config
+
+  # moejax.moe.state sums the stats over MoE layers before `update_state`.
+  pool_stats_over_layers = True
+
+  @staticmethod
+  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+    """Router parameters per MoE layer."""
+    return d_model * cfg.num_experts
+
+  @nn.compact
+  def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
+               token_ids: jax.Array | None = None,
+               deterministic: bool = True) -> RouterOutput:
+    del shape_BxL, token_ids, deterministic
+    opts = self.cfg.relu
+    e = self.cfg.num_experts
+    d = x_TxD.shape[-1]
+    w_DxE = self.param("w_gate", fan_in_init(d), (d, e))
+    coef = jnp.full((), opts.l1_init, jnp.float32)
+    if self.has_variable("moe_state", "l1_coef") or self.is_mutable_collection("moe_state"):
+      coef = self.variable("moe_state", "l1_coef", lambda: coef).value
+    logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), w_DxE, precision="highest")
+    assignment, gates_TxE, overflow = relu_route(logits_TxE, min(opts.max_k, e))
+    l1 = jax.lax.stop_gradient(coef) * load_balanced_l1(gates_TxE, self.cfg.top_k)
+    probs_TxE = jax.lax.stop_gradient(jax.nn.softmax(logits_TxE, axis=-1))
+    active = jax.lax.stop_gradient(jnp.sum(gates_TxE > 0).astype(jnp.float32))
+    pairs = jnp.asarray(gates_TxE.size, jnp.float32)
+    return RouterOutput(assignment=assignment, logits_TxE=None, probs_TxE=probs_TxE,
+                        losses={"relu_l1": l1},
+                        metrics={"l1_coef": coef, "overflow_fraction": overflow},
+                        state_stats={"active": active, "pairs": pairs})
+
+  @staticmethod
+  def update_state(state: dict, stats: dict, cfg: ml_collections.FrozenConfigDict) -> dict:
+    """New "l1_coef" from the step's active / total (token, expert) pair counts."""
+    target = cfg.top_k / cfg.num_experts
+    return {**state, "l1_coef": update_l1_coef(state["l1_coef"], stats["active"],
+                                               stats["pairs"], target, cfg.relu.alpha)}

@@ -1,0 +1,97 @@
+"""Auxiliary-loss-free sigmoid router with a selection bias (DeepSeek-V3).
+
+scores = sigmoid(logits); each token's k experts are *selected* by the top-k
+of score + bias, but weighted by their unbiased scores normalised over the
+selected k, times `routed_scaling`. The per-expert bias [E] is not trained:
+it lives in the "moe_state" collection and after every optimizer step moves
+by `rate` towards balance, bias_i += rate * sign(mean load - load_i), with
+loads counted over the whole global batch (moejax.moe.state). It only
+changes which experts are picked, never the output weights or gradients.
+
+`probs_TxE` (the switch balancing loss and the entropy / top-1 metrics) are
+the scores normalised over all experts, scores / sum(scores). DeepSeek-V3
+keeps a tiny complementary balancing loss; set moe.aux_loss_weight = 0 for
+the purely auxiliary-loss-free variant. No z-loss (logits_TxE is None):
+logsumexp has no meaning for independent sigmoid scores.
+
+Options under `moe.sigmoid_bias`: rate (bias update speed), routed_scaling.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moejax.layers import fan_in_init
+from moejax.moe.routers import register
+from moejax.moe.routers.base import RouterOutput
+from moejax.moe.types import Assignment
+
+
+def sigmoid_bias_route(logits_TxE: jax.Array, bias_E: jax.Array, k: int,
+                       routed_scaling: float = 1.0) -> tuple[Assignment, jax.Array]:
+  """Pure routing math; returns (assignment, probs_TxE = normalised scores).
+
+  Slots are choice-major like `topk_route` (slot c*T + t is token t's c-th
+  choice, by biased score).
+  """
+  scores_TxE = jax.nn.sigmoid(logits_TxE.astype(jnp.float32))
+  t = scores_TxE.shape[0]
+  biased_TxE = scores_TxE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
+  _, e_TxK = jax.lax.top_k(biased_TxE, k)
+  s_TxK = jnp.take_along_axis(scores_TxE, e_TxK, axis=-1)
+  w_TxK = routed_scaling * s_TxK / jnp.sum(s_TxK, axis=-1, keepdims=True)
+  assignment = Assignment(
+      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
+      expert=e_TxK.T.reshape(-1).astype(jnp.int32),
+      weight=w_TxK.T.reshape(-1),
+      valid=jnp.ones((t * k,), bool),
+  )
+  probs_TxE = scores_TxE / jnp.sum(scores_TxE, axis=-1, keepdims=True)
+  return assignment, probs_TxE
+
+
+def update_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Array:
+  """bias_i + rate * sign(mean load - load_i): underloaded experts move up."""
+  counts_E = counts_E.astype(jnp.float32)
+  return bias_E + rate * jnp.sign(jnp.mean(counts_E) - counts_E)
+
+
+@register("sigmoid_bias")
+class SigmoidBiasRouter(nn.Module):
+  """Linear gate + `sigmoid_bias_route`; the bias is "moe_state" "bias" [E]."""
+
+  cfg: ml_collections.FrozenConfigDict  # the `moe` config
+
+  @staticmethod
+  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+    """Router parameters per MoE layer."""
+    return d_model * cfg.num_experts
+
+  @nn.compact
+  def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
+               token_ids: jax.Array | None = None,
+               deterministic: bool = True) -> RouterOutput:
+    del shape_BxL, token_ids, deterministic
+    e = self.cfg.num_experts
+    d = x_TxD.shape[-1]
+    w_DxE = self.param("w_gate", fan_in_init(d), (d, e))
+    if self.has_variable("moe_state", "bias") or self.is_mutable_collection("moe_state"):
+      bias_E = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32).value
+    else:  # applied without its "moe_state" (a fresh model): the initial bias
+      bias_E = jnp.zeros((e,), jnp.float32)
+    logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), w_DxE, precision="highest")
+    assignment, probs_TxE = sigmoid_bias_route(
+        logits_TxE, bias_E, self.cfg.top_k, self.cfg.sigmoid_bias.routed_scaling)
+    counts_E = jax.lax.stop_gradient(assignment.expert_counts(e))
+    return RouterOutput(assignment=assignment, logits_TxE=None, probs_TxE=probs_TxE,
+                        metrics={"bias_norm": jnp.linalg.norm(bias_E)},
+                        state_stats={"counts": counts_E})
+
+  @staticmethod
+  def update_state(state: dict, stats: dict, cfg: ml_collections.FrozenConfigDict) -> dict:
+    """One layer's new "moe_state" from the step's global-batch counts [E]."""
+    return {**state, "bias": update_bias(state["bias"], stats["counts"],
+                                         cfg.sigmoid_bias.rate)}

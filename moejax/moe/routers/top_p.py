@@ -1,0 +1,94 @@
+"""Top-p dynamic routing (Huang et al. 2024, "Harder tasks need more experts").
+
+Each token takes the fewest experts, by descending softmax probability, whose
+probabilities sum to at least `moe.top_p.p`: at least 1 and at most
+`moe.top_p.max_k` (tokens whose top-p set is cut by max_k count as overflow).
+Slots: A = T * max_k, choice-major (slot c*T + t is token t's c-th choice),
+`valid` marking the live ones.
+
+Options under `moe.top_p`:
+  p: probability mass threshold in (0, 1].
+  max_k: buffer size per token (<= moe.num_experts).
+  renormalize: default False, as in the paper: the weights are the selected
+      probabilities themselves, so a confident token (one expert with
+      prob >= p) is not scaled up to 1 and the weights stay differentiable
+      through the softmax. True rescales each token's live weights to sum 1.
+  entropy_weight: weight of the paper's dynamic loss, the mean entropy of the
+      router distribution, which keeps distributions sharp (few experts);
+      returned already weighted as losses["entropy_loss"] (absent if 0).
+Metric `overflow_fraction`: share of tokens whose top-p set was cut by max_k.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moejax.layers import fan_in_init
+from moejax.moe.routers import register
+from moejax.moe.routers.base import RouterOutput
+from moejax.moe.types import Assignment
+
+
+def top_p_route(logits_TxE: jax.Array, p: float, max_k: int,
+                renormalize: bool = False
+                ) -> tuple[Assignment, jax.Array, jax.Array]:
+  """Pure top-p routing math; returns (assignment, probs_TxE, overflow_T bool)."""
+  logits_TxE = logits_TxE.astype(jnp.float32)
+  t = logits_TxE.shape[0]
+  probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
+  w_TxK, e_TxK = jax.lax.top_k(probs_TxE, max_k)
+  csum_TxK = jnp.cumsum(w_TxK, axis=-1)
+  # Choice c is live iff the mass of the choices before it is still < p.
+  live_TxK = (csum_TxK - w_TxK) < p
+  live_TxK = live_TxK.at[:, 0].set(True)
+  # Cut iff the max_k choices hold less than p (impossible when max_k = E).
+  overflow_T = (csum_TxK[:, -1] < p) & (max_k < logits_TxE.shape[-1])
+  w_TxK = jnp.where(live_TxK, w_TxK, 0.0)
+  if renormalize:
+    w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
+  choice_major = lambda a: a.T.reshape(-1)  # noqa: E731
+  assignment = Assignment(
+      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), max_k),
+      expert=choice_major(e_TxK.astype(jnp.int32)),
+      weight=choice_major(w_TxK),
+      valid=choice_major(live_TxK))
+  return assignment, probs_TxE, overflow_T
+
+
+def mean_entropy(probs_TxE: jax.Array) -> jax.Array:
+  """Mean over tokens of -sum_e p log p (nats)."""
+  p = probs_TxE.astype(jnp.float32)
+  return jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
+
+
+@register("top_p")
+class TopPRouter(nn.Module):
+  """Linear gate + `top_p_route` (+ weighted entropy penalty)."""
+
+  cfg: ml_collections.FrozenConfigDict  # the `moe` config
+
+  @staticmethod
+  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+    return d_model * cfg.num_experts
+
+  @nn.compact
+  def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
+               token_ids: jax.Array | None = None,
+               deterministic: bool = True) -> RouterOutput:
+    del shape_BxL, token_ids, deterministic
+    opts = self.cfg.top_p
+    d = x_TxD.shape[-1]
+    w_DxE = self.param("w_gate", fan_in_init(d), (d, self.cfg.num_experts))
+    logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), w_DxE, precision="highest")
+    assignment, probs_TxE, overflow_T = top_p_route(
+        logits_TxE, opts.p, opts.max_k, opts.renormalize)
+    losses = {}
+    if opts.entropy_weight > 0:
+      losses["entropy_loss"] = opts.entropy_weight * mean_entropy(probs_TxE)
+    return RouterOutput(
+        assignment=assignment, logits_TxE=logits_TxE, probs_TxE=probs_TxE,
+        losses=losses,
+        metrics={"overflow_fraction": jnp.mean(overflow_T.astype(jnp.float32))})

@@ -1,0 +1,216 @@
+"""The router contract (DESIGN section 2), for every registered router.
+
+Parametrized over `ROUTERS` (plus option variants), so a router added later
+is picked up automatically; it only needs a line in `VALID_RULES` saying how
+many assignment slots it marks valid. Checks: assignment shapes, dtypes and
+ranges; weights non-negative and finite; the valid-slot rule; parameter
+count; gradients reach every router parameter; jit; every dispatcher agrees
+with `dense`; and decoder causality inside the model's layer scan (the
+expert-choice "batch" grouping is asserted NOT causal, as documented).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from moejax import model as lm
+from moejax.config import default_config
+from moejax.moe import MoELayer
+from moejax.moe.dispatch import DISPATCHERS
+from moejax.moe.routers import ROUTERS, get_router
+from moejax.moe.routers import expert_choice as ec
+from moejax.moe.types import Assignment, SoftAssignment
+from tests.conftest import tiny_config
+
+B, L, D, F, E, K = 2, 6, 8, 16, 4, 2
+T = B * L
+
+
+def _topk_picks(probs_TxE, k):
+  """[T, k] experts by descending probability, ties to the lower index."""
+  return np.argsort(-np.asarray(probs_TxE, np.float64), axis=1, kind="stable")[:, :k]
+
+
+def _top_p_count(cfg, probs_TxE):
+  n = 0
+  for row in np.asarray(probs_TxE, np.float64):
+    mass, used = 0.0, 0
+    for v in sorted(row, reverse=True):
+      if mass >= cfg.top_p.p or used == cfg.top_p.max_k:
+        break
+      mass, used = mass + v, used + 1
+    n += used
+  return n
+
+
+# Router name -> number of valid slots, from (moe config, RouterOutput, B, L).
+VALID_RULES = {
+    "topk": lambda cfg, out, b, l: b * l * cfg.top_k,
+    "group_limited": lambda cfg, out, b, l: b * l * cfg.top_k,
+    "hash": lambda cfg, out, b, l: b * l * cfg.top_k,
+    "expert_choice": lambda cfg, out, b, l: ec.num_slots(cfg, (b, l)),
+    "null_experts": lambda cfg, out, b, l: int(
+        np.sum(_topk_picks(out.probs_TxE, cfg.top_k) < cfg.num_experts)),
+    "top_p": lambda cfg, out, b, l: _top_p_count(cfg, out.probs_TxE),
+    "sigmoid_bias": lambda cfg, out, b, l: b * l * cfg.top_k,
+    "recurrent": lambda cfg, out, b, l: b * l * cfg.top_k,
+    # Every positive gate, less the overflow past relu.max_k.
+    "relu": lambda cfg, out, b, l: round(float(out.state_stats["active"])
+                                         * (1 - float(out.metrics["overflow_fraction"]))),
+}
+# Router params that get no gradient in a lone layer: the recurrent router's
+# previous state is 0 there, so its shared GRU's w_hh is unused.
+NO_GRAD_ALONE = {"recurrent": ("router_gru_w_hh",)}
+
+# Option variants tested besides each router's defaults.
+VARIANTS = {
+    "topk": [{"topk.noise": "gaussian"}, {"topk.order": "topk_softmax", "topk.jitter": 0.1}],
+    "group_limited": [{"group_limited.mode": "balanced"}],
+    "expert_choice": [{"expert_choice.group": "batch"}],
+    "top_p": [{"top_p.renormalize": True, "top_p.max_k": 2}],
+}
+NOT_CAUSAL = [("expert_choice", {"expert_choice.group": "batch"})]
+# Capacity dispatch must drop nothing to equal `dense`: E / k suffices for
+# token-choice routers (each token uses an expert at most once); expert
+# choice already fills every expert exactly with capacity_factor = 1.
+CAPACITY_FACTOR = {"expert_choice": 1.0}
+
+CASES = [pytest.param(name, ov, id=name + "".join(f"-{v}" for v in ov.values()))
+         for name in sorted(ROUTERS) for ov in [{}] + VARIANTS.get(name, [])]
+
+
+def _set(cfg_moe, overrides):
+  for key, value in overrides.items():
+    node = cfg_moe
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+
+
+def _moe_cfg(name, overrides, dispatch="dense") -> ml_collections.FrozenConfigDict:
+  c = default_config().moe
+  c.router, c.num_experts, c.top_k, c.expert_hidden = name, E, K, F
+  c.dispatch = dispatch
+  c.capacity_factor = CAPACITY_FACTOR.get(name, float(E))
+  _set(c, overrides)
+  return ml_collections.FrozenConfigDict(c)
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, 256, (B, L)), jnp.int32)
+  return x, ids
+
+
+@pytest.mark.parametrize("name,overrides", CASES)
+def test_router_output_contract(name, overrides):
+  cfg = _moe_cfg(name, overrides)
+  cls = get_router(name)
+  mod = cls(cfg)
+  x, ids = _inputs()
+  x_TxD, ids_T = x.reshape(T, D), ids.reshape(T)
+  variables = mod.init({"params": jax.random.key(0), "router": jax.random.key(1)},
+                       x_TxD, shape_BxL=(B, L), token_ids=ids_T)
+  if hasattr(cls, "param_count"):
+    assert sum(p.size for p in jax.tree.leaves(variables.get("params", {}))) == \
+        cls.param_count(cfg, D) + getattr(cls, "shared_param_count", lambda c, d: 0)(cfg, D)
+
+  @jax.jit
+  def run(v, x_TxD, ids_T, key):
+    det = mod.apply(v, x_TxD, shape_BxL=(B, L), token_ids=ids_T)
+    train = mod.apply(v, x_TxD, shape_BxL=(B, L), token_ids=ids_T,
+                      deterministic=False, rngs={"router": key})
+    return det, train
+
+  for out in run(variables, x_TxD, ids_T, jax.random.key(2)):
+    a = out.assignment
+    if isinstance(a, SoftAssignment):
+      assert a.token.size == T and a.dispatch.shape[:2] == a.token.shape  # [G, M, S]
+      assert a.combine.shape == a.dispatch.shape
+      for arr in (a.dispatch, a.combine):
+        assert arr.dtype == jnp.float32 and np.all(np.isfinite(arr)) and np.all(arr >= 0)
+    else:
+      assert isinstance(a, Assignment)
+      n = a.num_slots
+      for arr, dt in ((a.token, jnp.int32), (a.expert, jnp.int32),
+                      (a.weight, jnp.float32), (a.valid, jnp.bool_)):
+        assert arr.shape == (n,) and arr.dtype == dt
+      tok, exp, w = np.asarray(a.token), np.asarray(a.expert), np.asarray(a.weight)
+      assert tok.min() >= 0 and tok.max() < T and exp.min() >= 0 and exp.max() < E
+      assert np.all(np.isfinite(w)) and np.all(w >= 0)
+      if name not in VALID_RULES:
+        pytest.fail(f"router {name!r}: add its valid-slot rule to VALID_RULES")
+      assert int(np.sum(np.asarray(a.valid))) == VALID_RULES[name](cfg, out, B, L)
+    if out.probs_TxE is not None:
+      p = np.asarray(out.probs_TxE)
+      assert p.dtype == np.float32 and p.shape[0] == T and p.shape[1] >= E
+      np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+      if out.balance_counts_E is not None:
+        assert out.balance_counts_E.shape == (p.shape[1],)
+    if out.logits_TxE is not None:
+      assert out.logits_TxE.shape == out.probs_TxE.shape
+    for key, loss in out.losses.items():
+      assert loss.shape == () and np.isfinite(loss), key
+
+
+@pytest.mark.parametrize("name,overrides", CASES)
+def test_layer_every_dispatcher_matches_dense_and_grads_reach_router(name, overrides):
+  cfgs = {d: _moe_cfg(name, overrides, dispatch=d) for d in sorted(DISPATCHERS)}
+  layers = {d: MoELayer(c) for d, c in cfgs.items()}
+  x, ids = _inputs(1)
+  params = layers["dense"].init(jax.random.key(0), x, token_ids_BxL=ids)
+  r = jnp.asarray(np.random.default_rng(2).standard_normal((B, L, D)), jnp.float32)
+
+  @jax.jit
+  def run(params, x, ids, key):
+    outs = {d: layer.apply(params, x, token_ids_BxL=ids) for d, layer in layers.items()}
+
+    def objective(p):
+      y, aux = layers["dense"].apply(p, x, token_ids_BxL=ids, deterministic=False,
+                                     rngs={"router": key})
+      return jnp.sum(y * r) + sum(jnp.sum(v) for v in aux["losses"].values())
+
+    return outs, jax.grad(objective)(params)
+
+  outs, grads = run(params, x, ids, jax.random.key(3))
+  y_dense = np.asarray(outs["dense"][0])
+  assert np.all(np.isfinite(y_dense))
+  for d, (y, aux) in outs.items():
+    assert float(aux["metrics"]["dropped_fraction"]) == 0.0, d
+    np.testing.assert_allclose(np.asarray(y), y_dense, rtol=1e-5, atol=1e-5, err_msg=d)
+  router_grads = grads["params"].get("router", {})
+  if not jax.tree.leaves(router_grads):  # a router without trainable params
+    assert get_router(name).param_count(cfgs["dense"], D) == 0
+  for path, g in jax.tree_util.tree_leaves_with_path(router_grads):
+    if path[-1].key in NO_GRAD_ALONE.get(name, ()):
+      continue
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)) and np.any(g != 0), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("name,overrides", CASES)
+def test_decoder_causality_in_model(name, overrides):
+  """Training-mode logits at positions <= t do not change when later tokens do."""
+  cfg = tiny_config(router=name)
+  _set(cfg.moe, overrides)
+  variables = lm.init(jax.random.key(1), cfg)
+  ids = jax.random.randint(jax.random.key(0), (2, cfg.train.seq_len), 0, 256)
+  t = 6
+  ids2 = ids.at[:, t + 1:].set((ids[:, t + 1:] + 17) % 256)
+  key = jax.random.key(5)
+  a, aux = lm.apply(variables, ids, cfg, rng=key)
+  b, _ = lm.apply(variables, ids2, cfg, rng=key)
+  a, b = np.asarray(a), np.asarray(b)
+  assert np.all(np.isfinite(a)) and aux["losses"]["load_balance"].shape == (2,)
+  assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+  if (name, overrides) in NOT_CAUSAL:
+    # All tokens of the batch compete for experts: earlier logits see the change.
+    assert not np.allclose(a[:, :t + 1], b[:, :t + 1])
+  else:
+    np.testing.assert_array_equal(a[:, :t + 1], b[:, :t + 1])
