@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from moejax.moe.dispatch import DISPATCHERS
+from moejax.moe.losses import balance_kinds
 from moejax.moe.routers import ROUTERS
 from moejax.moe.routers.topk import ORDERS as TOPK_ORDERS
 from moejax.moe.routers.expert_choice import GROUPS as EXPERT_CHOICE_GROUPS
@@ -59,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.z_loss_weight = 1e-3
   c.moe.first_dense_layers = 0
   c.moe.every = 1
+  # Balancing losses, comma-separated: switch (per micro-batch), global_batch
+  # (expert counts over the whole global batch), sequence (per sequence).
+  c.moe.balance = "switch"
   c.moe.topk = ml_collections.ConfigDict()
   c.moe.topk.order = "softmax_topk"
   c.moe.topk.renormalize = True
@@ -99,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
   c.train.batch_size = 32
+  c.train.grad_accum_steps = 1  # micro-batches per optimizer step
   c.train.seq_len = 128
   c.train.lr = 3e-3
   c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
@@ -181,6 +186,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
   if not 0 <= t.min_lr_ratio <= 1:
     _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+  if isinstance(t.grad_accum_steps, int) and t.grad_accum_steps >= 1:
+    if t.batch_size % t.grad_accum_steps:
+      _fail("train.grad_accum_steps", t.grad_accum_steps,
+            f"must divide train.batch_size={t.batch_size}")
+  else:
+    _fail("train.grad_accum_steps", t.grad_accum_steps, "must be a positive integer")
   if t.warmup_steps > t.steps:
     _fail("train.warmup_steps", t.warmup_steps, f"must be <= train.steps={t.steps}")
   if not moe.enabled:
@@ -193,6 +204,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if moe.top_k > moe.num_experts:
     _fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}")
   _choice(moe.topk.order, "moe.topk.order", TOPK_ORDERS)
+  try:
+    balance_kinds(moe)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   # Router options under moe.<router>; cross-key rules only for the chosen router.
   e, k = moe.num_experts, moe.top_k
   _choice(moe.topk.noise, "moe.topk.noise", TOPK_NOISES)

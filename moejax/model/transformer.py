@@ -79,7 +79,7 @@ class Period(nn.Module):
 
 def _scanned(cfg, length: int, n: int, first_moe: bool, deterministic: bool,
              name: str) -> nn.Module:
-  stack = nn.scan(Period, variable_axes={"params": 0, "moe_state": 0},
+  stack = nn.scan(Period, variable_axes={"params": 0, "moe_state": 0, "balance": 0},
                   split_rngs={"params": True, "router": True},
                   in_axes=(nn.broadcast, nn.broadcast), length=length,
                   metadata_params={nn.PARTITION_NAME: "layers"})
@@ -122,7 +122,7 @@ class TransformerLM(nn.Module):
     if n_dense:
       carry, _ = _scanned(self.cfg, n_dense, 1, False, self.deterministic,
                           "dense_layers")(carry, ids_BxL, shared)
-    aux = {"losses": {}, "metrics": {}, "state_stats": {}}
+    aux = {"losses": {}, "metrics": {}, "state_stats": {}, "balance_counts": None}
     if n_periods:
       carry, aux = _scanned(self.cfg, n_periods, self.cfg.moe.every, True,
                             self.deterministic, "moe_layers")(carry, ids_BxL, shared)

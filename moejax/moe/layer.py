@@ -41,6 +41,27 @@ class MoELayer(nn.Module):
   dtype: str = "float32"
   out_scale: float = 1.0
 
+  def _balance(self, kinds, route, balance_E: jax.Array, b: int, l: int) -> dict:
+    """The balancing losses named in moe.balance (unweighted)."""
+    out = {}
+    probs = route.probs_TxE
+    if "switch" in kinds:
+      out["load_balance"] = moe_losses.switch_load_balance(probs, balance_E)
+    if "global_batch" in kinds:
+      # Counts over the whole global batch: summed over devices by the SPMD
+      # program itself, and over gradient-accumulation micro-batches by the
+      # trainer, which passes them in the "balance" collection.
+      counts = (self.get_variable("balance", "counts")
+                if self.has_variable("balance", "counts") else balance_E)
+      out["global_balance"] = moe_losses.switch_load_balance(probs, counts)
+    if "sequence" in kinds:
+      a = route.assignment
+      seq_A = a.token // l
+      counts_BxE = jnp.zeros((b, probs.shape[-1]), jnp.float32).at[seq_A, a.expert].add(
+          a.valid.astype(jnp.float32))
+      out["sequence_balance"] = moe_losses.sequence_load_balance(probs, counts_BxE, b)
+    return out
+
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, *, token_ids_BxL: jax.Array | None = None,
                router_carry: Any = None, shared: dict | None = None,
@@ -73,7 +94,9 @@ class MoELayer(nn.Module):
       counts_E = route.assignment.expert_counts(cfg.num_experts)
       experts_per_token = jnp.sum(route.assignment.valid) / (b * l)
     zero = jnp.zeros((), jnp.float32)
-    losses = {"load_balance": zero, "z_loss": zero}
+    kinds = moe_losses.balance_kinds(cfg)
+    losses = {moe_losses.BALANCE_KINDS[k]: zero for k in kinds}
+    losses["z_loss"] = zero
     metrics = {**moe_metrics.load_metrics(counts_E),
                "router_entropy": zero, "top1_prob": zero,
                "experts_per_token": experts_per_token,
@@ -82,10 +105,12 @@ class MoELayer(nn.Module):
                # them override these in `route.metrics`.
                "overflow_fraction": zero, "null_fraction": zero,
                "bias_norm": zero, "l1_coef": zero}
+    balance_E = counts_E
     if route.probs_TxE is not None:
-      balance_E = (route.balance_counts_E if route.balance_counts_E is not None
-                   else counts_E)
-      losses["load_balance"] = moe_losses.switch_load_balance(route.probs_TxE, balance_E)
+      if route.balance_counts_E is not None:
+        balance_E = route.balance_counts_E
+      balance_E = jnp.broadcast_to(balance_E, route.probs_TxE.shape[-1:])
+      losses.update(self._balance(kinds, route, balance_E, b, l))
       metrics.update(moe_metrics.router_metrics(route.probs_TxE))
     if route.logits_TxE is not None:
       losses["z_loss"] = moe_losses.router_z_loss(route.logits_TxE)
@@ -95,6 +120,7 @@ class MoELayer(nn.Module):
       raise ValueError(f"router {cfg.router!r} reports metrics {sorted(unknown)} outside "
                        f"the MoE metric schema {sorted(metrics)}")
     metrics.update(route.metrics)
-    aux = {"losses": losses, "metrics": metrics, "state_stats": route.state_stats}
+    aux = {"losses": losses, "metrics": metrics, "state_stats": route.state_stats,
+           "balance_counts": balance_E.astype(jnp.float32)}
     new_carry = route.carry if extra else router_carry
     return y_TxD.reshape(b, l, d), aux, new_carry

@@ -35,3 +35,19 @@ def sequence_load_balance(probs_TxE: jax.Array, counts_BxE: jax.Array,
   p_BxE = jnp.mean(probs_TxE.astype(jnp.float32).reshape(batch, -1, num_experts), axis=1)
   f_BxE = counts_BxE / jnp.maximum(jnp.sum(counts_BxE, axis=-1, keepdims=True), 1.0)
   return num_experts * jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
+
+
+# moe.balance names -> the loss key each adds (all weighted by moe.aux_loss_weight).
+BALANCE_KINDS = {"switch": "load_balance", "global_batch": "global_balance",
+                 "sequence": "sequence_balance"}
+BALANCE_LOSSES = tuple(BALANCE_KINDS.values())
+
+
+def balance_kinds(cfg_moe) -> tuple[str, ...]:
+  """The balancing losses selected by `moe.balance` (comma-separated, may be "")."""
+  kinds = tuple(k.strip() for k in cfg_moe.balance.split(",") if k.strip())
+  for k in kinds:
+    if k not in BALANCE_KINDS:
+      raise ValueError(f"config key moe.balance={cfg_moe.balance!r} is invalid: {k!r} is "
+                       f"not a balancing loss; allowed (comma-separated): {sorted(BALANCE_KINDS)}")
+  return kinds

@@ -24,6 +24,7 @@ import optax
 from moejax import model as lm
 from moejax.config import validate
 from moejax.model.transformer import layer_plan
+from moejax.moe.losses import BALANCE_LOSSES, balance_kinds
 from moejax.moe.state import update_router_state
 from moejax.train import data as data_lib
 from moejax.train.checkpoint import Checkpointer
@@ -67,17 +68,15 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
 def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
   """Cross-entropy plus the auxiliary losses summed over MoE layers.
 
-  `load_balance` and `z_loss` are weighted by moe.aux_loss_weight and
-  moe.z_loss_weight; router-specific losses come weighted by their router.
+  The balancing losses (moe.balance) are weighted by moe.aux_loss_weight,
+  `z_loss` by moe.z_loss_weight; router-specific losses come weighted by
+  their router.
   """
-  losses = aux["losses"]
-  if not losses:
-    return ce
-  total = (ce + moe_cfg.aux_loss_weight * jnp.sum(losses["load_balance"])
-           + moe_cfg.z_loss_weight * jnp.sum(losses["z_loss"]))
-  for k, v in losses.items():
-    if k not in ("load_balance", "z_loss"):
-      total = total + jnp.sum(v)
+  total = ce
+  for k, v in aux["losses"].items():
+    w = (moe_cfg.aux_loss_weight if k in BALANCE_LOSSES else
+         moe_cfg.z_loss_weight if k == "z_loss" else 1.0)
+    total = total + w * jnp.sum(v)
   return total
 
 
@@ -91,10 +90,51 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     ce = cross_entropy(logits, batch["targets"], batch.get("weights"))
     return total_loss(ce, aux, cfg.moe), (ce, aux)
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  n = cfg.train.grad_accum_steps
+  global_counts = "global_batch" in balance_kinds(cfg.moe) and cfg.moe.enabled
+
+  def accumulated(params, collections, batch, rng):
+    """Gradients of the mean loss over n micro-batches, one at a time.
+
+    With global-batch balancing, a first forward pass over all micro-batches
+    sums each layer's expert counts; every micro-batch's balancing loss then
+    uses those global counts, so the loss equals the one-batch loss.
+    """
+    micro = jax.tree.map(lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:]), batch)
+    rngs = jax.random.split(rng, n)
+    if global_counts:
+      def layer_counts(mb, r):
+        _, aux = model.apply({"params": params, **collections}, mb["inputs"],
+                             rngs={"router": r})
+        return aux["balance_counts"]  # [num_moe_layers, choices]
+
+      def count(acc, xs):
+        return acc + layer_counts(*xs), None
+
+      first = jax.tree.map(lambda a: a[0], (micro, rngs))
+      shape = jax.eval_shape(layer_counts, *first)
+      counts, _ = jax.lax.scan(count, jnp.zeros(shape.shape, jnp.float32), (micro, rngs))
+      collections = {**collections, "balance": {
+          "moe_layers": {"block0": {"moe": {"counts": jax.lax.stop_gradient(counts)}}}}}
+
+    def body(acc, xs):
+      mb, r = xs
+      (l, (ce, aux)), g = grad_fn(params, collections, mb, r)
+      return jax.tree.map(jnp.add, acc, g), (l, ce, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (ls, ces, auxs) = jax.lax.scan(body, zeros, (micro, rngs))
+    mean0 = lambda t: jax.tree.map(lambda v: jnp.mean(v, axis=0), t)
+    sum0 = lambda t: jax.tree.map(lambda v: jnp.sum(v, axis=0), t)
+    aux = {"losses": mean0(auxs["losses"]), "metrics": mean0(auxs["metrics"]),
+           "state_stats": sum0(auxs["state_stats"])}
+    return (jnp.mean(ls), (jnp.mean(ces), aux)), jax.tree.map(lambda g: g / n, grads)
+
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
     rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
-    (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["collections"], batch, rng)
+    fn = grad_fn if n == 1 else accumulated
+    (loss, (ce, aux)), grads = fn(state["params"], state["collections"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

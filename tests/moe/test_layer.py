@@ -88,7 +88,8 @@ def _reference_layer(p, x, cfg):
 
 
 def _assert_aux_schema(aux, e):
-  assert set(aux) == {"losses", "metrics", "state_stats"}
+  assert set(aux) == {"losses", "metrics", "state_stats", "balance_counts"}
+  assert aux["balance_counts"].shape == (e,)
   assert aux["state_stats"] == {}  # top-k keeps no non-trained state
   assert set(aux["losses"]) == LOSS_KEYS
   assert set(aux["metrics"]) == METRIC_KEYS
