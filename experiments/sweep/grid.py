@@ -82,9 +82,15 @@ def apply(base: ml_collections.ConfigDict, point: Point) -> ml_collections.Confi
 
 
 def point_name(point: Point) -> str:
-  """A stable, filesystem-safe run directory name for a point."""
+  """A stable, filesystem-safe run directory name for a point.
+
+  A point that sets the config's `name` is named by it; otherwise by its
+  sorted key=value pairs.
+  """
   if not point:
     return "base"
+  if isinstance(point.get("name"), str):
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", point["name"])
   slug = "__".join(f"{k}={_fmt(v)}" for k, v in sorted(point.items()))
   slug = re.sub(r"[^A-Za-z0-9_.=+-]", "-", slug)
   if len(slug) > 100:

@@ -34,6 +34,10 @@ from moejax.train.preemption import StopRequest
 from moejax.train.progress import Progress
 from moejax.train.writers import MetricWriter
 
+# Routing statistics summary.json reports (mean over MoE layers, last logged step).
+SUMMARY_ROUTING = ("load_cv", "load_max_over_mean", "experts_per_token", "dropped_fraction",
+                   "overflow_fraction", "null_fraction")
+
 State = dict[str, Any]  # step, params, opt_state, collections, wall_seconds
 
 
@@ -317,6 +321,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
   progress = Progress(t.steps, start, every=t.log_every * 10)
   clock = _Clock(step=start)
   last_eval: dict[str, float] = {}
+  last_moe: dict = {}
   step = start
   first = True
   while step < t.steps:
@@ -351,6 +356,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
         scalars["perf/step_time_s"] = dt / n
         scalars["perf/tokens_per_second"] = n * tokens_per_step / dt
       moe = jax.device_get(out["moe"])
+      last_moe = moe
       scalars.update(flatten_moe_metrics(moe, layers))
       writer.scalars(step, scalars)
       progress.update(step, loss=scalars["train/loss"],
@@ -395,6 +401,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
       "wall_seconds": wall,
       "tokens_per_second": int(step) * tokens_per_step / max(wall, 1e-9),
   }
+  for name in SUMMARY_ROUTING:  # mean over MoE layers at the last logged step
+    if name in last_moe:
+      summary[f"moe_{name}"] = float(np.mean(last_moe[name]))
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary

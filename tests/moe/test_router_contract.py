@@ -169,11 +169,11 @@ def test_layer_every_dispatcher_matches_dense_and_grads_reach_router(name, overr
 
   @jax.jit
   def run(params, x, ids, key):
-    outs = {d: layer.apply(params, x, token_ids_BxL=ids) for d, layer in layers.items()}
+    outs = {d: layer.apply(params, x, token_ids_BxL=ids)[:2] for d, layer in layers.items()}
 
     def objective(p):
-      y, aux = layers["dense"].apply(p, x, token_ids_BxL=ids, deterministic=False,
-                                     rngs={"router": key})
+      y, aux, _ = layers["dense"].apply(p, x, token_ids_BxL=ids, deterministic=False,
+                                        rngs={"router": key})
       return jnp.sum(y * r) + sum(jnp.sum(v) for v in aux["losses"].values())
 
     return outs, jax.grad(objective)(params)

@@ -1,0 +1,63 @@
+"""Every router at the quickstart's active FLOPs per token (E=8 experts, k=2 of width 256).
+
+Command (one router; ~3.5 minutes on 2 cores at the quickstart's 600 steps):
+  python -m experiments --config configs/routers.py:expert_choice
+All of them: `python -m experiments.sweep --config configs/sweeps/routers.py --workdir runs/routers`.
+
+What it reproduces: a like-for-like comparison of routing algorithms on the
+default corpus (byte-level KJV): same model, data, steps and, per token, the
+same expected expert compute (2 of 8 experts of width 256) as the quickstart.
+How each router meets that budget:
+  topk, topk_noisy, sigmoid_bias, recurrent, hash, group_limited(_balanced):
+      exactly k=2 experts per token;
+  expert_choice: capacity factor 1 -> E*C = k*B slots per position group, so
+      2 experts per token on average;
+  soft: slots_per_expert = k*B/E = 8, so every position group of B=32 tokens
+      gets 2*32 expert slots (2 expert applications per token on average);
+  relu: the adaptive L1 drives the active fraction to k/E (2 experts/token);
+  top_p: p=0.5, at most 4 experts; null_experts: 8 null experts with k=2,
+      so a token uses at most 2 real experts (at most the budget; AdaMoE's
+      point is to spend less).
+Expected result: docs/results/routers.md (validation loss within a few
+percent of each other at this scale; hash last, soft and expert choice
+mixing across the batch).
+"""
+
+from configs.quickstart import get_config as quickstart
+
+ROUTERS = ("topk", "topk_noisy", "expert_choice", "soft", "sigmoid_bias", "group_limited",
+           "group_limited_balanced", "recurrent", "relu", "null_experts", "top_p", "hash")
+
+
+def get_config(name: str = "topk"):
+  if name not in ROUTERS:
+    raise ValueError(f"configs/routers.py:{name}: unknown router variant; allowed: {ROUTERS}")
+  c = quickstart("moe")
+  c.name = f"router-{name}"
+  m = c.moe
+  m.router = name
+  if name == "topk_noisy":
+    m.router = "topk"
+    m.topk.noise = "gaussian"
+  elif name == "expert_choice":
+    m.capacity_factor = 1.0
+  elif name == "soft":
+    m.soft.slots_per_expert = m.top_k * c.train.batch_size // m.num_experts
+  elif name == "sigmoid_bias":
+    m.aux_loss_weight = 0.0  # auxiliary-loss-free: the bias balances the load
+  elif name == "group_limited":
+    m.group_limited.num_groups = 4
+    m.group_limited.top_groups = 2
+  elif name == "group_limited_balanced":
+    m.router = "group_limited"
+    m.group_limited.num_groups = 2
+    m.group_limited.mode = "balanced"
+  elif name == "null_experts":
+    m.null_experts.num_null = 8
+  elif name == "top_p":
+    m.top_p.p = 0.5
+    m.top_p.max_k = 4
+  elif name == "hash":
+    m.aux_loss_weight = 0.0  # nothing to balance: the hash fixes the routing
+    m.z_loss_weight = 0.0
+  return c

@@ -1,0 +1,46 @@
+"""All routers of configs/routers.py under identical conditions.
+
+Command (2-core CPU):
+  python -m experiments.sweep --config configs/sweeps/routers.py --workdir runs/routers          # 600 steps each, ~45 min
+  python -m experiments.sweep --config configs/sweeps/routers.py:short --workdir runs/routers-short  # 300 steps each, ~25 min
+Writes runs/.../results.csv and results.md (validation loss, load CV, drop and
+overflow fraction, experts per token, tokens/s per router). The table of a
+real `:short` run is in docs/results/routers.md.
+"""
+
+from configs.routers import ROUTERS, get_config
+from experiments.sweep.grid import Sweep
+
+VARIANTS = {"full": 600, "short": 300}
+
+
+def get_sweep(variant: str = "full") -> Sweep:
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/sweeps/routers.py:{variant}: allowed variants {sorted(VARIANTS)}")
+  steps = VARIANTS[variant]
+  base = get_config("topk")
+  base.name = f"routers-{variant}"
+  base.train.steps = steps
+  base.train.eval_every = steps // 3
+  base.train.checkpoint_every = steps // 3
+  points = []
+  for name in ROUTERS:
+    cfg = get_config(name)
+    point = {"name": f"router-{name}"}
+    # Every key the router variant changes relative to top-k becomes part of the point.
+    for key, value in _flat(cfg).items():
+      if key not in ("name", "train.steps", "train.eval_every", "train.checkpoint_every") \
+          and _flat(base).get(key) != value:
+        point[key] = value
+    points.append(point)
+  return Sweep(f"routers-{variant}", base, points)
+
+
+def _flat(cfg, prefix=""):
+  out = {}
+  for k, v in cfg.items():
+    if hasattr(v, "items"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
