@@ -81,9 +81,8 @@ def _cfg(dispatch):
   return ml_collections.FrozenConfigDict(c)
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "capacity", "dropless"])
-def test_layer_uses_soft_dispatch_whatever_moe_dispatch(dispatch):
-  cfg = _cfg(dispatch)
+def test_layer_uses_soft_dispatch_whatever_moe_dispatch():
+  cfg = _cfg("capacity")  # ignored (the contract test runs every dispatcher)
   layer = MoELayer(cfg)
   x = jax.random.normal(jax.random.key(0), (2, 3, 4))
   variables = layer.init(jax.random.key(1), x)
@@ -114,9 +113,10 @@ def test_batch_size_one_is_a_per_token_dense_mixture():
   layer = MoELayer(cfg)
   x = jax.random.normal(jax.random.key(0), (1, 3, 4))
   variables = layer.init(jax.random.key(1), x)
-  y_all, _, _ = layer.apply(variables, x)
+  apply = jax.jit(layer.apply)
+  y_all, _, _ = apply(variables, x)
   for i in range(3):  # each position on its own gives the same output
-    y_i, _, _ = layer.apply(variables, x[:, i:i + 1])
+    y_i, _, _ = apply(variables, x[:, i:i + 1])
     np.testing.assert_allclose(y_all[:, i], y_i[:, 0], rtol=1e-5, atol=1e-6)
 
 
