@@ -61,9 +61,15 @@ def _merge(points) -> Point:
 
 
 def apply(base: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
-  """A copy of `base` with the point's dotted keys set; unknown keys fail."""
+  """A copy of `base` with the point's dotted keys set; unknown keys fail.
+
+  Keys starting with "_" are labels (e.g. "_family"): recorded in
+  results.csv, not applied to the config.
+  """
   cfg = ml_collections.ConfigDict(base.to_dict())
   for key, value in point.items():
+    if key.startswith("_"):
+      continue
     node = cfg
     *parents, leaf = key.split(".")
     for p in parents:

@@ -113,3 +113,23 @@ def test_killed_sweep_resumes_without_losing_rows(tmp_path):
   assert [row["seed"] for row in rows] == ["0", "1", "2"]
   assert all(row["steps"] == "4" and float(row["final_val_loss"]) > 0 for row in rows)
   assert (tmp_path / "out" / "results.md").read_text().count("\n") == 5
+
+
+@pytest.mark.parametrize("spec", ["configs/sweeps/routers.py:short", "configs/sweeps/routers.py",
+                                  "configs/sweeps/scaling.py:tiny", "configs/sweeps/scaling.py"])
+def test_shipped_sweeps_validate(spec):
+  from experiments.sweep.__main__ import load_sweep  # noqa: PLC0415
+  sweep = load_sweep(os.path.join(REPO, spec))
+  configs = sweep.configs()  # every point applies and validates
+  assert len(configs) == len(sweep.points) >= 12
+  names = [n for n, _, _ in configs]
+  assert len(set(names)) == len(names)
+
+
+def test_scaling_points_spend_their_budget():
+  from experiments.sweep.__main__ import load_sweep  # noqa: PLC0415
+  from moejax.model import flops_per_token  # noqa: PLC0415
+  sweep = load_sweep(os.path.join(REPO, "configs/sweeps/scaling.py:tiny"))
+  for _, point, cfg in sweep.configs():
+    spent = flops_per_token(cfg) * cfg.train.batch_size * cfg.train.seq_len * cfg.train.steps
+    assert point["_budget"] == pytest.approx(spent, rel=0.05) or cfg.train.steps == 20

@@ -1,0 +1,65 @@
+"""IsoFLOP grid for dense and MoE scaling laws (Chinchilla-style, plus MoE width/granularity).
+
+Command (2-core CPU):
+  python -m experiments.sweep --config configs/sweeps/scaling.py:tiny --workdir runs/scaling-tiny   # 20 runs, ~30-60 min
+  python -m experiments.sweep --config configs/sweeps/scaling.py --workdir runs/scaling            # 120 runs (accelerator)
+  python tools/fit_scaling_laws.py --law chinchilla --csv runs/scaling-tiny/results.csv \
+      --where "_family=='dense'" --out dense.json
+What it measures: for each FLOP budget C, models of several widths trained
+for C / (flops_per_token * tokens_per_step) steps (steps derived per point),
+for a dense family and MoE families at the dense model's active FLOPs per
+token: E experts of granularity G (E*G experts of width ffn/G, top_k = G,
+so a token's expert compute equals the dense FFN's). Fit dense and MoE laws
+on results.csv and compare them with the efficiency leverage
+(moejax.scaling). Expected result: for each budget a U-shaped isoFLOP curve
+in width; MoE families below the dense curve at equal compute. No result
+from this grid is recorded yet.
+"""
+
+from configs.quickstart import get_config
+from experiments.sweep.grid import Sweep, apply, axis, derive, product
+from moejax.model import flops_per_token
+
+VARIANTS = {
+    # widths, budgets (FLOPs), (E, G) MoE families
+    "full": ((64, 96, 128, 192), (1e13, 3e13, 1e14),
+             [(e, g) for e in (4, 8, 16) for g in (1, 2, 4)]),
+    "tiny": ((64, 128), (2e12, 6e12), [(4, 1), (8, 1), (4, 2), (8, 2)]),
+}
+FFN_MULT = 4  # dense FFN width = FFN_MULT * d_model
+
+
+def _family(e: int, g: int) -> dict:
+  if e == 0:
+    return {"family": "dense", "moe.enabled": False}
+  return {"family": f"moe-E{e}-G{g}", "moe.enabled": True, "moe.num_experts": e * g,
+          "moe.top_k": g, "moe.granularity": g}
+
+
+def get_sweep(variant: str = "full") -> Sweep:
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/sweeps/scaling.py:{variant}: allowed variants {sorted(VARIANTS)}")
+  widths, budgets, moe = VARIANTS[variant]
+  base = get_config("moe")
+  base.name = f"scaling-{variant}"
+  base.train.eval_batches = 8
+  families = [_family(0, 1)] + [_family(e, g) for e, g in moe]
+  grid = product([{k: v for k, v in f.items() if k not in ("family", "moe.granularity")}
+                  | {"_family": f["family"], "_g": f.get("moe.granularity", 1)}
+                  for f in families],
+                 axis("model.d_model", widths), axis("_budget", budgets))
+
+  def derived(p: dict) -> dict:
+    d = p["model.d_model"]
+    out = {"model.num_heads": max(2, d // 32), "model.ffn_hidden": FFN_MULT * d,
+           "moe.expert_hidden": FFN_MULT * d // p["_g"]}
+    cfg = apply(base, {**p, **out})
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    steps = max(20, round(p["_budget"] / (flops_per_token(cfg) * tokens_per_step)))
+    out.update({"train.steps": steps, "train.warmup_steps": max(1, steps // 10),
+                "train.eval_every": steps, "train.checkpoint_every": max(1, steps // 4),
+                "name": f"{p['_family']}-d{d}-C{p['_budget']:.0e}"})
+    return out
+
+  points = [{k: v for k, v in p.items() if k != "_g"} for p in derive(grid, derived)]
+  return Sweep(f"scaling-{variant}", base, points)
