@@ -12,10 +12,29 @@ from __future__ import annotations
 import ml_collections
 
 from moejax.model.transformer import layer_plan
+from moejax.moe.routers import get_router
+
+
+def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
+  """Expert applications per token (moe.top_k unless the router says otherwise).
+
+  Routers whose count is not top_k (Soft MoE's slots, expert choice's
+  capacity) define `experts_per_token(cfg)`; for adaptive routers (ReLU,
+  top-p, null experts) top_k is the nominal budget, the measured mean is the
+  `experts_per_token` metric.
+  """
+  router = get_router(cfg.moe.router)
+  if hasattr(router, "experts_per_token"):
+    return router.experts_per_token(cfg)
+  return cfg.moe.top_k
 
 
 def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-  """{"params_total", "params_active", "params_embedding"} from the config."""
+  """{"params_total", "params_active", "params_embedding"} from the config.
+
+  params_active may be fractional for routers whose experts per token are an
+  average (Soft MoE, expert choice).
+  """
   m, moe = cfg.model, cfg.moe
   d, v = m.d_model, m.vocab_size
   embedding = v * d * (1 if m.tie_embeddings else 2)
@@ -26,11 +45,15 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   n_dense_layers = n_dense + n_periods * (moe.every - 1 if moe.enabled else 0)
   total = active = embedding + d + n_dense_layers * dense_layer
   if n_periods:
+    router = get_router(moe.router)
     expert = 3 * d * moe.expert_hidden
     shared = moe.num_shared_experts * expert
-    base = attn + norms + d * moe.num_experts + shared
+    base = attn + norms + router.param_count(moe, d) + shared
     total += n_periods * (base + moe.num_experts * expert)
-    active += n_periods * (base + moe.top_k * expert)
+    active += n_periods * (base + experts_per_token(cfg) * expert)
+    if hasattr(router, "shared_param_count"):
+      total += router.shared_param_count(moe, d)
+      active += router.shared_param_count(moe, d)
   return {"params_total": total, "params_active": active,
           "params_embedding": embedding}
 

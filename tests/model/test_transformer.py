@@ -121,3 +121,23 @@ def test_jitter_only_in_training():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   c, _ = lm.apply(variables, ids, cfg, rng=jax.random.key(3))
   assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("router", ["recurrent", "soft", "null_experts", "hash",
+                                    "expert_choice", "topk_noisy"])
+def test_param_counts_match_init_for_routers(router):
+  cfg = tiny_config()
+  if router == "topk_noisy":
+    cfg.moe.topk.noise = "gaussian"
+  else:
+    cfg.moe.router = router
+  p = jax.eval_shape(lambda k: lm.init(k, cfg), jax.random.key(0))["params"]
+  assert lm.param_counts(cfg)["params_total"] == sum(x.size for x in jax.tree.leaves(p))
+
+
+def test_soft_moe_active_experts_follow_slots():
+  from moejax.model.counting import experts_per_token  # noqa: PLC0415
+  cfg = tiny_config()
+  cfg.moe.router = "soft"
+  cfg.moe.soft.slots_per_expert = 4  # 4 experts x 4 slots per group of 8 tokens
+  assert experts_per_token(cfg) == 2.0

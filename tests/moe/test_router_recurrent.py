@@ -74,7 +74,7 @@ def _model_cfg():
 
 def test_shared_params_and_per_layer_projections():
   cfg = _model_cfg()
-  p = lm.init(jax.random.key(0), cfg)["params"]
+  p = jax.eval_shape(lambda k: lm.init(k, cfg), jax.random.key(0))["params"]
   assert p["router_gru_w_ih"].shape == (8, 24) and p["router_gru_b_hh"].shape == (24,)
   router = p["moe_layers"]["block0"]["moe"]["router"]
   assert router["w_in"].shape == (2, 32, 8)  # scanned: one per MoE layer
@@ -104,6 +104,7 @@ def test_gradients_reach_shared_gru_from_every_layer():
 
 def test_remat_same_values_and_grads():
   cfg = _model_cfg()
+  cfg.moe.dispatch = "dense"  # cheaper to compile; the router path is the same
   variables = lm.init(jax.random.key(0), cfg)
   ids = _ids(cfg)
 
@@ -120,12 +121,4 @@ def test_remat_same_values_and_grads():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
 
 
-def test_causal():
-  cfg = _model_cfg()
-  variables = lm.init(jax.random.key(1), cfg)
-  ids = _ids(cfg)
-  t = 6
-  ids2 = ids.at[:, t + 1:].set((ids[:, t + 1:] + 17) % 256)
-  a, b = lm.apply(variables, ids, cfg)[0], lm.apply(variables, ids2, cfg)[0]
-  np.testing.assert_array_equal(np.asarray(a[:, :t + 1]), np.asarray(b[:, :t + 1]))
-  assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+# Decoder causality: tests/moe/test_router_contract.py (every router).

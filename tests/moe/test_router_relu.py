@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
-from moejax.config import default_config
+from moejax.config import ConfigError, default_config, validate
 from moejax.moe import MoELayer
 from moejax.moe.routers.relu import load_balanced_l1, relu_route, update_l1_coef
 from moejax.moe.state import update_router_state
@@ -106,3 +107,21 @@ def test_adaptive_l1_reaches_k_experts_per_token():
   np.testing.assert_array_equal(coef[:, 0], coef[:, 1])  # one model-wide lambda
   late = per_token[-100:].mean()
   assert abs(late - 1.0) < 0.1, late
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("relu.max_k", 5, ["moe.relu.max_k", "5", "moe.num_experts=4"]),
+    ("relu.alpha", 1.0, ["moe.relu.alpha", "1.0", "> 1"]),
+    ("relu.l1_init", 0.0, ["moe.relu.l1_init", "positive"]),
+    ("sigmoid_bias.rate", -1.0, ["moe.sigmoid_bias.rate", "positive"]),
+    ("recurrent.hidden", 0, ["moe.recurrent.hidden", "positive"]),
+    ("soft.slots_per_expert", 0, ["moe.soft.slots_per_expert", "positive"]),
+])
+def test_config_validation_names_key_value_and_rule(key, value, words):
+  cfg = tiny_config(router="relu")
+  group, name = key.split(".")
+  cfg.moe[group][name] = value
+  with pytest.raises(ConfigError) as err:
+    validate(cfg)
+  for w in words:
+    assert w in str(err.value), (w, str(err.value))

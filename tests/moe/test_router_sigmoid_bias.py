@@ -107,14 +107,15 @@ def test_layer_reports_stats_and_bias_norm():
 def test_trainer_updates_checkpoints_and_logs_bias(tmp_path):
   cfg = tiny_config(router="sigmoid_bias")
   cfg.moe.sigmoid_bias.rate = 0.01
-  cfg.train.steps = 10
+  cfg.train.steps = cfg.train.checkpoint_every = cfg.train.eval_every = 6
+  cfg.train.warmup_steps, cfg.train.log_every, cfg.train.eval_batches = 2, 3, 1
   workdir = str(tmp_path)
   trainer.train(cfg, workdir)
   tx = make_optimizer(cfg.train)
   ckpt = Checkpointer(workdir, 3)
   step, state, _ = ckpt.restore_latest(trainer.init_state(cfg, tx))
   ckpt.close()
-  assert step == 10
+  assert step == 6
   bias = np.asarray(state["collections"]["moe_state"]["moe_layers"]["block0"]["moe"]
                     ["router"]["bias"])
   assert bias.shape == (2, 4)  # [MoE layers, experts]

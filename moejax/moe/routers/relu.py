@@ -114,7 +114,13 @@ class ReLURouter(nn.Module):
 
   @staticmethod
   def update_state(state: dict, stats: dict, cfg: ml_collections.FrozenConfigDict) -> dict:
-    """New "l1_coef" from the step's active / total (token, expert) pair counts."""
+    """New "l1_coef" from the step's active / total (token, expert) pair counts.
+
+    The coefficient never falls below `moe.relu.l1_init`: a model that trains
+    sparser than the target on its own would otherwise drive it towards 0
+    (1e-27 was seen), from where it takes very long to recover.
+    """
     target = cfg.top_k / cfg.num_experts
-    return {**state, "l1_coef": update_l1_coef(state["l1_coef"], stats["active"],
-                                               stats["pairs"], target, cfg.relu.alpha)}
+    coef = update_l1_coef(state["l1_coef"], stats["active"], stats["pairs"], target,
+                          cfg.relu.alpha)
+    return {**state, "l1_coef": jnp.maximum(coef, cfg.relu.l1_init)}

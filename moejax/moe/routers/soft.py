@@ -63,6 +63,11 @@ class SoftRouter(nn.Module):
     """Router parameters per MoE layer."""
     return d_model * cfg.num_experts * cfg.soft.slots_per_expert + 1
 
+  @staticmethod
+  def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
+    """Expert applications per token: E * slots_per_expert slots per group of B tokens."""
+    return cfg.moe.num_experts * cfg.moe.soft.slots_per_expert / cfg.train.batch_size
+
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
                token_ids: jax.Array | None = None,
