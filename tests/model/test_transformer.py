@@ -141,3 +141,13 @@ def test_soft_moe_active_experts_follow_slots():
   cfg.moe.router = "soft"
   cfg.moe.soft.slots_per_expert = 4  # 4 experts x 4 slots per group of 8 tokens
   assert experts_per_token(cfg) == 2.0
+
+
+def test_expert_choice_active_experts_follow_capacity():
+  from moejax.model.counting import experts_per_token  # noqa: PLC0415
+  cfg = tiny_config()  # B=8, E=4, k=2
+  cfg.moe.router = "expert_choice"
+  cfg.moe.capacity_factor = 1.0
+  assert experts_per_token(cfg) == 2.0  # C = 4 tokens of 8, times 4 experts
+  cfg.moe.capacity_factor = 0.3  # C = ceil(1.2) = 2
+  assert experts_per_token(cfg) == 1.0

@@ -139,6 +139,28 @@ def _check_router_output(name, cfg, out) -> None:
     assert loss.shape == () and np.isfinite(loss), key
 
 
+def _random_params(init, seed=1) -> dict:
+  """Random {"params"} with the structure `init(key)` gives, without compiling it.
+
+  Shapes come from `jax.eval_shape` (tracing only: compiling a Flax init,
+  with its truncated-normal draws, costs more than the forward pass here);
+  values: fan-in scaled normals for matrices, ones for `scale` leaves, zeros
+  for other vectors. Non-trained collections ("moe_state") are left out:
+  routers then use their initial state, as in a fresh model.
+  """
+  shapes = jax.eval_shape(init, jax.random.key(0))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      return jnp.ones(s.shape, s.dtype)
+    if len(s.shape) < 2:
+      return jnp.zeros(s.shape, s.dtype)
+    return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(s.shape[-2]), s.dtype)
+
+  return {"params": jax.tree_util.tree_map_with_path(draw, shapes)}
+
+
 @pytest.mark.parametrize("name,overrides", CASES)
 def test_router_contract(name, overrides):
   """The router alone (eval and training mode) and inside the MoE layer, one jit.
@@ -154,8 +176,7 @@ def test_router_contract(name, overrides):
   layers = {d: MoELayer(c) for d, c in cfgs.items()}
   x, ids = _inputs(1)
   x_TxD, ids_T = x.reshape(T, D), ids.reshape(T)
-  variables = jax.jit(lambda k: layers["dense"].init(k, x, token_ids_BxL=ids))(
-      jax.random.key(0))
+  variables = _random_params(lambda k: layers["dense"].init(k, x, token_ids_BxL=ids))
   r = jnp.asarray(np.random.default_rng(2).standard_normal((B, L, D)), jnp.float32)
 
   @jax.jit
@@ -197,28 +218,6 @@ def test_router_contract(name, overrides):
     assert np.all(np.isfinite(g)) and np.any(g != 0), jax.tree_util.keystr(path)
 
 
-def _model_params(cfg, seed=1) -> dict:
-  """Random {"params"} with the model's structure, without compiling `lm.init`.
-
-  Shapes come from `jax.eval_shape` (tracing only; compiling the init costs
-  more than the forward pass here); values: fan-in scaled normals for
-  matrices, ones for `scale` leaves, zeros for vectors. Non-trained
-  collections ("moe_state") are left out: routers then use their initial
-  state, as in a fresh model.
-  """
-  shapes = jax.eval_shape(lambda k: lm.init(k, cfg), jax.random.key(0))["params"]
-  rng = np.random.default_rng(seed)
-
-  def draw(path, s):
-    if jax.tree_util.keystr(path).endswith("['scale']"):
-      return jnp.ones(s.shape, s.dtype)
-    if len(s.shape) < 2:
-      return jnp.zeros(s.shape, s.dtype)
-    return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(s.shape[-2]), s.dtype)
-
-  return {"params": jax.tree_util.tree_map_with_path(draw, shapes)}
-
-
 # Causality runs each router's defaults plus the variants that change what a
 # token's routing can depend on (training noise; the batch-wide grouping).
 CAUSAL_CASES = [c for c in CASES
@@ -231,7 +230,7 @@ def test_decoder_causality_in_model(name, overrides):
   """Training-mode logits at positions <= t do not change when later tokens do."""
   cfg = tiny_config(router=name)
   _set(cfg.moe, overrides)
-  variables = _model_params(cfg)
+  variables = _random_params(lambda k: lm.init(k, cfg))
   ids = jax.random.randint(jax.random.key(0), (2, cfg.train.seq_len), 0, 256)
   t = 6
   ids2 = ids.at[:, t + 1:].set((ids[:, t + 1:] + 17) % 256)

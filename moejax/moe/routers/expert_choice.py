@@ -110,6 +110,14 @@ class ExpertChoiceRouter(nn.Module):
   def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
     return d_model * cfg.num_experts
 
+  @staticmethod
+  def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
+    """E * C expert slots per group of S tokens (S = B, or B * L for group="batch")."""
+    m, t = cfg.moe, cfg.train
+    s = t.batch_size * (t.seq_len if m.expert_choice.group == "batch" else 1)
+    return m.num_experts * expert_choice_capacity(s, m.num_experts, m.top_k,
+                                                  m.capacity_factor) / s
+
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
                token_ids: jax.Array | None = None,
