@@ -22,7 +22,6 @@ of 16 and tk, tn multiples of 128 on real TPUs (any sizes in interpret mode).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
+import jax.numpy as jnp
+
+from moejax.layers import fan_in_init
 
 from moejax.moe.types import Assignment, SoftAssignment
 
@@ -42,3 +46,13 @@ class RouterOutput:
 #   update_state(state: dict, stats: dict, cfg) -> dict   (pure; updates the
 #       router's "moe_state" variables after each optimizer step from the
 #       `state_stats` of the step, summed over the whole global batch).
+
+
+def gate_logits(module: nn.Module, x_TxD: jax.Array, num_choices: int) -> jax.Array:
+  """float32 router logits x @ w_gate, creating `module`'s w_gate [D, num_choices].
+
+  Router logits are computed in float32 whatever the activation dtype.
+  """
+  d = x_TxD.shape[-1]
+  w_DxC = module.param("w_gate", fan_in_init(d), (d, num_choices))
+  return jnp.dot(x_TxD.astype(jnp.float32), w_DxC, precision="highest")

@@ -35,9 +35,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 GROUPS = ("position", "batch")
@@ -123,9 +122,7 @@ class ExpertChoiceRouter(nn.Module):
                token_ids: jax.Array | None = None,
                deterministic: bool = True) -> RouterOutput:
     del token_ids, deterministic
-    d = x_TxD.shape[-1]
-    w_DxE = self.param("w_gate", fan_in_init(d), (d, self.cfg.num_experts))
-    logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), w_DxE, precision="highest")
+    logits_TxE = gate_logits(self, x_TxD, self.cfg.num_experts)
     assignment, probs_TxE = expert_choice_route(
         logits_TxE, shape_BxL, self.cfg.top_k, self.cfg.capacity_factor,
         self.cfg.expert_choice.group)

@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 MODES = ("limited", "balanced")
@@ -111,9 +110,7 @@ class GroupLimitedRouter(nn.Module):
                deterministic: bool = True) -> RouterOutput:
     del shape_BxL, token_ids, deterministic
     opts = self.cfg.group_limited
-    d = x_TxD.shape[-1]
-    w_DxE = self.param("w_gate", fan_in_init(d), (d, self.cfg.num_experts))
-    logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), w_DxE, precision="highest")
+    logits_TxE = gate_logits(self, x_TxD, self.cfg.num_experts)
     assignment, probs_TxE = group_limited_route(
         logits_TxE, self.cfg.top_k, opts.num_groups, opts.mode, opts.top_groups,
         opts.renormalize)

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 
@@ -74,9 +73,8 @@ class NullExpertsRouter(nn.Module):
                deterministic: bool = True) -> RouterOutput:
     del shape_BxL, token_ids, deterministic
     opts = self.cfg.null_experts
-    d, e = x_TxD.shape[-1], self.cfg.num_experts
-    w_DxN = self.param("w_gate", fan_in_init(d), (d, e + opts.num_null))
-    logits_TxN = jnp.dot(x_TxD.astype(jnp.float32), w_DxN, precision="highest")
+    e = self.cfg.num_experts
+    logits_TxN = gate_logits(self, x_TxD, e + opts.num_null)
     assignment, probs_TxN, counts_N, null_fraction = null_experts_route(
         logits_TxN, self.cfg.top_k, e, opts.renormalize)
     return RouterOutput(assignment=assignment, logits_TxE=logits_TxN,

@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 
@@ -96,12 +95,10 @@ class ReLURouter(nn.Module):
     del shape_BxL, token_ids, deterministic
     opts = self.cfg.relu
     e = self.cfg.num_experts
-    d = x_TxD.shape[-1]
-    w_DxE = self.param("w_gate", fan_in_init(d), (d, e))
     coef = jnp.full((), opts.l1_init, jnp.float32)
     if self.has_variable("moe_state", "l1_coef") or self.is_mutable_collection("moe_state"):
       coef = self.variable("moe_state", "l1_coef", lambda: coef).value
-    logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), w_DxE, precision="highest")
+    logits_TxE = gate_logits(self, x_TxD, e)
     assignment, gates_TxE, overflow = relu_route(logits_TxE, min(opts.max_k, e))
     l1 = jax.lax.stop_gradient(coef) * load_balanced_l1(gates_TxE, self.cfg.top_k)
     probs_TxE = jax.lax.stop_gradient(jax.nn.softmax(logits_TxE, axis=-1))

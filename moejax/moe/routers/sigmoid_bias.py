@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 
@@ -76,13 +75,11 @@ class SigmoidBiasRouter(nn.Module):
                deterministic: bool = True) -> RouterOutput:
     del shape_BxL, token_ids, deterministic
     e = self.cfg.num_experts
-    d = x_TxD.shape[-1]
-    w_DxE = self.param("w_gate", fan_in_init(d), (d, e))
     if self.has_variable("moe_state", "bias") or self.is_mutable_collection("moe_state"):
       bias_E = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32).value
     else:  # applied without its "moe_state" (a fresh model): the initial bias
       bias_E = jnp.zeros((e,), jnp.float32)
-    logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), w_DxE, precision="highest")
+    logits_TxE = gate_logits(self, x_TxD, e)
     assignment, probs_TxE = sigmoid_bias_route(
         logits_TxE, bias_E, self.cfg.top_k, self.cfg.sigmoid_bias.routed_scaling)
     counts_E = jax.lax.stop_gradient(assignment.expert_counts(e))

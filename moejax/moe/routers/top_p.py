@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 
@@ -80,9 +79,7 @@ class TopPRouter(nn.Module):
                deterministic: bool = True) -> RouterOutput:
     del shape_BxL, token_ids, deterministic
     opts = self.cfg.top_p
-    d = x_TxD.shape[-1]
-    w_DxE = self.param("w_gate", fan_in_init(d), (d, self.cfg.num_experts))
-    logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), w_DxE, precision="highest")
+    logits_TxE = gate_logits(self, x_TxD, self.cfg.num_experts)
     assignment, probs_TxE, overflow_T = top_p_route(
         logits_TxE, opts.p, opts.max_k, opts.renormalize)
     losses = {}
