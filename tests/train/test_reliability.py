@@ -27,6 +27,7 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.mo
         "--config.train.batch_size=4", "--config.train.seq_len=16",
         "--config.train.warmup_steps=2", "--config.train.eval_every=1000",
         "--config.train.eval_batches=1", "--config.train.log_every=1"]
+STEPS = 24
 
 
 def _losses(workdir):
@@ -60,7 +61,7 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("ref"))
-  p = _start(workdir, 40, 3)
+  p = _start(workdir, STEPS, 3)
   assert p.wait(timeout=300) == 0, p.stdout.read()
   return _losses(workdir)
 
@@ -68,19 +69,19 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_at_random_step_then_resume_matches(reference, tmp_path, seed):
   workdir = str(tmp_path / "run")
-  kill_at = random.Random(seed).randint(5, 30)
-  p = _start(workdir, 40, 3)
+  kill_at = random.Random(seed).randint(4, STEPS - 4)
+  p = _start(workdir, STEPS, 3)
   _wait_for_step(workdir, kill_at, p)
   p.send_signal(signal.SIGKILL)
   p.wait()
-  p = _start(workdir, 40, 3)
+  p = _start(workdir, STEPS, 3)
   assert p.wait(timeout=300) == 0, p.stdout.read()
   assert _losses(workdir) == reference  # bit for bit, no duplicated or missing step
 
 
 def test_sigterm_checkpoints_and_exits_zero(reference, tmp_path):
   workdir = str(tmp_path / "run")
-  p = _start(workdir, 40, 1000)  # no periodic checkpoint before the signal
+  p = _start(workdir, STEPS, 1000)  # no periodic checkpoint before the signal
   _wait_for_step(workdir, 8, p)
   p.send_signal(signal.SIGTERM)
   out, _ = p.communicate(timeout=60)
@@ -88,7 +89,7 @@ def test_sigterm_checkpoints_and_exits_zero(reference, tmp_path):
   stopped = int(out.split("after step ")[1].split(";")[0])
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped)]
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
-  p = _start(workdir, 40, 1000)
+  p = _start(workdir, STEPS, 1000)
   out, _ = p.communicate(timeout=300)
   assert p.returncode == 0 and f"checkpoints/{stopped}" in out, out
   assert _losses(workdir) == reference
