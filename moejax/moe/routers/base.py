@@ -48,6 +48,21 @@ class RouterOutput:
 #       `state_stats` of the step, summed over the whole global batch).
 
 
+class Router(nn.Module):
+  """Base of the router modules: holds the `moe` config.
+
+  `param_count(cfg, d_model)` is the number of router parameters per MoE
+  layer; the default is one linear gate [D, E]. Routers with other
+  parameters override it.
+  """
+
+  cfg: Any  # ml_collections.FrozenConfigDict: the `moe` config
+
+  @staticmethod
+  def param_count(cfg, d_model: int) -> int:
+    return d_model * cfg.num_experts
+
+
 def gate_logits(module: nn.Module, x_TxD: jax.Array, num_choices: int) -> jax.Array:
   """float32 router logits x @ w_gate, creating `module`'s w_gate [D, num_choices].
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput, gate_logits
+from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 GROUPS = ("position", "batch")
@@ -100,14 +100,10 @@ def num_slots(cfg: ml_collections.ConfigDict, shape_BxL: tuple[int, int]) -> int
 
 
 @register("expert_choice")
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(Router):
   """Linear gate + `expert_choice_route`."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
-    return d_model * cfg.num_experts
 
   @staticmethod
   def experts_per_token(cfg: ml_collections.ConfigDict) -> float:

@@ -27,10 +27,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput, gate_logits
+from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 MODES = ("limited", "balanced")
@@ -95,14 +94,10 @@ def group_limited_route(logits_TxE: jax.Array, k: int, num_groups: int,
 
 
 @register("group_limited")
-class GroupLimitedRouter(nn.Module):
+class GroupLimitedRouter(Router):
   """Linear gate + `group_limited_route`."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
-    return d_model * cfg.num_experts
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import Router, RouterOutput
 from moejax.moe.types import Assignment
 
 _GOLDEN = 0x9E3779B9
@@ -68,10 +68,9 @@ def hash_route(ids_T: jax.Array, num_experts: int, k: int, seed: int) -> Assignm
 
 
 @register("hash")
-class HashRouter(nn.Module):
+class HashRouter(Router):
   """`hash_route` on the token ids; holds no parameters."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
   @staticmethod
   def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput, gate_logits
+from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 
@@ -58,10 +58,9 @@ def null_experts_route(logits_TxN: jax.Array, k: int, num_experts: int,
 
 
 @register("null_experts")
-class NullExpertsRouter(nn.Module):
+class NullExpertsRouter(Router):
   """Linear gate over E + num_null choices + `null_experts_route`."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
   @staticmethod
   def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:

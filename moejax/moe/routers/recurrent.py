@@ -23,7 +23,7 @@ import ml_collections
 
 from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import Router, RouterOutput
 from moejax.moe.routers.topk import topk_route
 
 GRUParams = dict[str, jax.Array]  # w_ih [R, 3R], w_hh [R, 3R], b_ih [3R], b_hh [3R]
@@ -47,10 +47,9 @@ def gru_cell(p: GRUParams, x_TxR: jax.Array, h_TxR: jax.Array) -> jax.Array:
 
 
 @register("recurrent")
-class RecurrentRouter(nn.Module):
+class RecurrentRouter(Router):
   """Per-layer projections w_in / w_out around the shared GRU cell."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
   uses_carry = True
 

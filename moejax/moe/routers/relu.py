@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput, gate_logits
+from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 
@@ -75,18 +75,13 @@ def update_l1_coef(coef: jax.Array, active: jax.Array, pairs: jax.Array,
 
 
 @register("relu")
-class ReLURouter(nn.Module):
+class ReLURouter(Router):
   """Linear gate + `relu_route` + the adaptive load-balanced L1 penalty."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
   # moejax.moe.state sums the stats over MoE layers before `update_state`.
   pool_stats_over_layers = True
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
-    """Router parameters per MoE layer."""
-    return d_model * cfg.num_experts
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],

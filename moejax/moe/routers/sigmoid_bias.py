@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput, gate_logits
+from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 
@@ -59,15 +59,10 @@ def update_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Arra
 
 
 @register("sigmoid_bias")
-class SigmoidBiasRouter(nn.Module):
+class SigmoidBiasRouter(Router):
   """Linear gate + `sigmoid_bias_route`; the bias is "moe_state" "bias" [E]."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
-    """Router parameters per MoE layer."""
-    return d_model * cfg.num_experts
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],

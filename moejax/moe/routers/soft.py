@@ -30,7 +30,7 @@ import ml_collections
 
 from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import Router, RouterOutput
 from moejax.moe.types import SoftAssignment
 
 
@@ -53,10 +53,9 @@ def _l2_normalize(x: jax.Array, axis: int) -> jax.Array:
 
 
 @register("soft")
-class SoftRouter(nn.Module):
+class SoftRouter(Router):
   """Normalised slot logits + `soft_route` over batch-at-one-position groups."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
   @staticmethod
   def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:

@@ -24,10 +24,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput, gate_logits
+from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
 
 
@@ -64,14 +63,10 @@ def mean_entropy(probs_TxE: jax.Array) -> jax.Array:
 
 
 @register("top_p")
-class TopPRouter(nn.Module):
+class TopPRouter(Router):
   """Linear gate + `top_p_route` (+ weighted entropy penalty)."""
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
-    return d_model * cfg.num_experts
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],

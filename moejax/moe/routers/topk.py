@@ -26,7 +26,7 @@ import ml_collections
 
 from moejax.layers import fan_in_init
 from moejax.moe.routers import register
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import Router, RouterOutput
 from moejax.moe.types import Assignment
 
 ORDERS = ("softmax_topk", "topk_softmax")
@@ -102,14 +102,13 @@ def importance_load_losses(assignment: Assignment, clean_TxE: jax.Array,
 
 
 @register("topk")
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
   """Linear gate (+ optional learned Gaussian noise) + `topk_route`.
 
   With noise on, `logits_TxE` / `probs_TxE` are the noisy ones that routed
   (so the switch balance and z-loss see what the top-k saw).
   """
 
-  cfg: ml_collections.FrozenConfigDict  # the `moe` config
 
   @staticmethod
   def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
