@@ -22,10 +22,6 @@ class Assignment:
   expert: jax.Array  # [A] int32, in [0, E)
   weight: jax.Array  # [A] float32
   valid: jax.Array  # [A] bool
-  # Static layout hint: n > 0 promises A = n * T and token[c * T + t] = t
-  # (n blocks of all tokens, e.g. choice-major top-k). Dispatchers may then
-  # combine by a reshape-sum instead of a scatter-add; 0 promises nothing.
-  token_blocks: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def num_slots(self) -> int:

@@ -59,7 +59,6 @@ def topk_route(logits_TxE: jax.Array, k: int, order: str = "softmax_topk",
       expert=e_TxK.T.reshape(-1).astype(jnp.int32),
       weight=w_TxK.T.reshape(-1),
       valid=jnp.ones((t * k,), bool),
-      token_blocks=k,
   )
   return assignment, probs_TxE
 
