@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 import pytest
 
@@ -31,6 +33,16 @@ def tiny_config(**moe_overrides) -> ml_collections.ConfigDict:
   c.train.eval_batches = 2
   c.train.checkpoint_every = 10
   return c
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# `python -m experiments` overrides for a tiny quickstart-shaped run.
+TINY_FLAGS = ["--config.model.d_model=32", "--config.model.num_layers=2",
+              "--config.model.num_heads=2", "--config.moe.num_experts=4",
+              "--config.moe.expert_hidden=32", "--config.train.batch_size=4",
+              "--config.train.seq_len=16", "--config.train.warmup_steps=2",
+              "--config.train.eval_batches=1"]
 
 
 @pytest.fixture

@@ -7,12 +7,9 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-        "--config.moe.num_experts=4", "--config.moe.expert_hidden=32",
-        "--config.train.batch_size=4", "--config.train.seq_len=16",
-        "--config.train.warmup_steps=2", "--config.train.eval_every=4",
-        "--config.train.eval_batches=1", "--config.train.checkpoint_every=4"]
+from tests.conftest import REPO, TINY_FLAGS
+
+TINY = TINY_FLAGS + ["--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
 
 
 def _run(*args, cwd=REPO):

@@ -19,14 +19,9 @@ import pytest
 from moejax.train import trainer
 from moejax.train.checkpoint import Checkpointer, IncompatibleCheckpoint
 from moejax.train.optimizer import make_optimizer
-from tests.conftest import tiny_config
+from tests.conftest import REPO, TINY_FLAGS, tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-        "--config.moe.num_experts=4", "--config.moe.expert_hidden=32",
-        "--config.train.batch_size=4", "--config.train.seq_len=16",
-        "--config.train.warmup_steps=2", "--config.train.eval_every=1000",
-        "--config.train.eval_batches=1", "--config.train.log_every=1"]
+TINY = TINY_FLAGS + ["--config.train.eval_every=1000", "--config.train.log_every=1"]
 STEPS = 24
 
 
