@@ -145,9 +145,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     collections = state["collections"]
     if "moe_state" in collections and aux["state_stats"]:
-      stats = jax.tree.map(lambda v: jnp.where(finite, v, jnp.zeros_like(v)),
-                           aux["state_stats"])
-      new_moe_state = update_router_state(collections["moe_state"], stats, cfg.moe)
+      # A non-finite step keeps the old router state, like the params.
+      new_moe_state = update_router_state(collections["moe_state"], aux["state_stats"], cfg.moe)
       collections = {**collections, "moe_state": keep(new_moe_state, collections["moe_state"])}
     new_state = {**state, "step": state["step"] + 1, "collections": collections,
                  "params": keep(optax.apply_updates(state["params"], updates), state["params"]),
