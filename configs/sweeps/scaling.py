@@ -1,7 +1,7 @@
 """IsoFLOP grid for dense and MoE scaling laws (Chinchilla-style, plus MoE width/granularity).
 
 Command (2-core CPU):
-  python -m experiments.sweep --config configs/sweeps/scaling.py:tiny --workdir runs/scaling-tiny   # 20 runs, ~30-60 min
+  python -m experiments.sweep --config configs/sweeps/scaling.py:tiny --workdir runs/scaling-tiny   # 36 runs, ~1-1.5 h
   python -m experiments.sweep --config configs/sweeps/scaling.py --workdir runs/scaling            # 120 runs (accelerator)
   python tools/fit_scaling_laws.py --law chinchilla --csv runs/scaling-tiny/results.csv \
       --where "_family=='dense'" --out dense.json
@@ -24,7 +24,8 @@ VARIANTS = {
     # widths, budgets (FLOPs), (E, G) MoE families
     "full": ((64, 96, 128, 192), (1e13, 3e13, 1e14),
              [(e, g) for e in (4, 8, 16) for g in (1, 2, 4)]),
-    "tiny": ((64, 128), (2e12, 6e12), [(4, 1), (8, 1), (4, 2), (8, 2)]),
+    # 3 widths x 3 budgets per family: 9 points, enough for a 5-parameter law.
+    "tiny": ((48, 80, 128), (1e12, 3e12, 1e13), [(4, 1), (8, 1), (8, 2)]),
 }
 FFN_MULT = 4  # dense FFN width = FFN_MULT * d_model
 
