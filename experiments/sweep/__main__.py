@@ -2,9 +2,9 @@
 
   --parallel N        run N points at once (default 1)
   --dry-run           list the points and their run directories, run nothing
-  --emit tpu --tpu NAME --zone ZONE
+  --emit tpu --tpu NAME --zone ZONE [--project P] [--repo URL [--ref REF] | --copy]
                       write one launch script per point under DIR/launch/
-                      instead of running
+                      instead of running (see python -m experiments.launch)
 
 Finished points are skipped; killing the sweep and re-running the same
 command continues where it stopped (each point resumes from its checkpoint).
@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shlex
 import sys
 
+from experiments import launch
 from experiments.sweep.grid import Sweep
 from experiments.sweep.runner import SweepRunner, prepare_point
 
@@ -37,21 +37,30 @@ def load_sweep(spec: str) -> Sweep:
   return mod.get_sweep(variant) if variant else mod.get_sweep()
 
 
-def emit_tpu(runner: SweepRunner, tpu: str, zone: str) -> list[str]:
-  """One bash script per point that runs it on every worker of a TPU VM."""
+def emit_tpu(runner: SweepRunner, target: launch.Target, source: launch.Source) -> list[str]:
+  """One bash script per point that installs the code and runs the point on every TPU worker.
+
+  The commands come from experiments.launch; the point's config.json travels
+  inside the run command, and each script waits for its point (--follow), so
+  running the scripts one after another runs the sweep on one TPU VM.
+  """
   out_dir = os.path.join(runner.dir, "launch")
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for name, _, cfg in runner.points:
     wd = os.path.join(runner.dir, name)
     prepare_point(wd, cfg)
-    remote = f"cd moejax && python -m experiments --workdir {shlex.quote(wd)}"
+    with open(os.path.join(wd, "config.json")) as f:
+      config_json = f.read()
+    remote_wd = launch.remote_path(wd)
+    commands = launch.launch_commands(
+        target, ["--workdir", remote_wd], source, tag=name, follow=True,
+        files={f"{remote_wd}/config.json": config_json})
     script = os.path.join(out_dir, f"{name}.sh")
     with open(script, "w") as f:
-      f.write("#!/usr/bin/env bash\n# Runs sweep point " + name + " on TPU VM " + tpu + ".\n"
-              "set -euo pipefail\n"
-              f"gcloud compute tpus tpu-vm ssh {shlex.quote(tpu)} --zone {shlex.quote(zone)} "
-              f"--worker=all --command {shlex.quote(remote)}\n")
+      f.write(launch.script_text(commands, f"Runs sweep point {name} on every worker of TPU VM "
+                                 f"{target.tpu}; stop it with\n  python -m experiments.launch "
+                                 f"--tpu {target.tpu} --zone {target.zone} --stop --name {name}"))
     os.chmod(script, 0o755)
     paths.append(script)
   return paths
@@ -65,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--parallel", type=int, default=1)
   ap.add_argument("--dry-run", action="store_true")
   ap.add_argument("--emit", choices=["tpu"])
-  ap.add_argument("--tpu")
-  ap.add_argument("--zone")
+  launch.add_target_args(ap, required=False)  # --tpu --zone --project --repo --ref --copy
   args = ap.parse_args(argv)
   if args.emit and not (args.tpu and args.zone):
     ap.error("--emit tpu needs --tpu NAME and --zone ZONE")
@@ -81,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(runner.points)} points")
     return 0
   if args.emit:
-    for path in emit_tpu(runner, args.tpu, args.zone):
+    try:
+      target = launch.Target(args.tpu, args.zone, args.project)
+      source = launch.resolve_source(args.repo, args.ref, args.copy)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    for path in emit_tpu(runner, target, source):
       print(path)
     return 0
   failed = runner.run()

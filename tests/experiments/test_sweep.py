@@ -84,12 +84,17 @@ def test_dry_run_and_emit(tmp_path):
   r = _sweep(tmp_path, "three", "--dry-run")
   assert r.returncode == 0, r.stderr
   assert "3 points" in r.stdout and "seed=2" in r.stdout
-  r = _sweep(tmp_path, "two", "--emit", "tpu", "--tpu", "my-tpu", "--zone", "us-central2-b")
+  r = _sweep(tmp_path, "two", "--emit", "tpu", "--tpu", "my-tpu", "--zone", "us-central2-b",
+             "--repo", "https://example.com/moejax.git", "--ref", "main")
   assert r.returncode == 0, r.stderr
   scripts = sorted(os.listdir(tmp_path / "out" / "launch"))
   assert scripts == ["seed=0.sh", "seed=1.sh"]
   text = (tmp_path / "out" / "launch" / "seed=0.sh").read_text()
   assert "my-tpu" in text and "--worker=all" in text and "seed=0" in text
+  assert "pip install --quiet -e" in text and "config.json" in text  # install + the point's config
+  r = _sweep(tmp_path, "two", "--emit", "tpu", "--tpu", "my tpu", "--zone", "us-central2-b",
+             "--repo", "https://example.com/moejax.git")
+  assert r.returncode == 2 and "--tpu='my tpu' is invalid" in r.stderr
 
 
 def test_killed_sweep_resumes_without_losing_rows(tmp_path):
