@@ -1,0 +1,40 @@
+"""Cheap routing metrics logged at each evaluation of a training run.
+
+On one fixed validation batch: per MoE layer, the load CV, the co-activation
+density (share of expert pairs some token selects together) and the
+saturation against the previous evaluation (overlap of each token's selected
+experts, see `saturation`). The trainer keeps the previous routing and calls
+`eval_metrics` after each eval.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moejax.analysis import coactivation, load, saturation
+from moejax.analysis.routing import Model, Routing, capture
+
+
+def routing_metrics(routing: Routing, previous: Routing | None = None) -> dict[str, float]:
+  """{"routing/layer{i}/load_cv", ".../coactivation_density", ".../saturation_prev"}.
+
+  saturation_prev is present only when `previous` (the same tokens) is given.
+  """
+  cv_N = load.imbalance(load.expert_load(routing))["cv"]
+  dens_N = coactivation.density(coactivation.coactivation(routing))
+  sat_N = None if previous is None else saturation.saturation(routing, previous)
+  out = {}
+  for i, layer in enumerate(routing.layers):
+    out[f"routing/layer{layer}/load_cv"] = float(cv_N[i])
+    out[f"routing/layer{layer}/coactivation_density"] = float(dens_N[i])
+    if sat_N is not None:
+      out[f"routing/layer{layer}/saturation_prev"] = float(sat_N[i])
+  return out
+
+
+def eval_metrics(cfg, variables: dict, inputs_BxL: np.ndarray, previous: Routing | None = None
+                 ) -> tuple[dict[str, float], Routing]:
+  """(metrics, routing) of the model `variables` on one batch; pass the routing
+  back as `previous` at the next evaluation."""
+  routing = capture(Model(cfg=cfg, variables=variables), np.asarray(inputs_BxL))
+  return routing_metrics(routing, previous), routing
