@@ -45,10 +45,21 @@ def main() -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (created or resumed).")
   flags.DEFINE_bool("overwrite", False, "Discard a run of a different config in --workdir.")
+  # Multi-host (moejax/parallel/distributed.py); default: $MOEJAX_COORDINATOR etc.
+  flags.DEFINE_string("coordinator", None, "host:port of process 0, or 'auto' (TPU pods).")
+  flags.DEFINE_integer("num_processes", None, "Processes (hosts) in a multi-host run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
   def run(_):
     from absl import logging  # noqa: PLC0415
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from moejax.parallel import distributed  # noqa: PLC0415
+    try:  # before anything starts a JAX backend
+      distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes,
+                             flags.FLAGS.process_id)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     from moejax.train import trainer  # noqa: PLC0415
     from moejax.train.checkpoint import IncompatibleCheckpoint  # noqa: PLC0415
     cfg = flags.FLAGS.config

@@ -7,21 +7,48 @@ FLOPs per token (hidden = top_k * expert_hidden), measured in the same process.
   python tools/bench_moe_layer.py                    # the three reference shapes, f32 + bf16
   python tools/bench_moe_layer.py --quick            # smaller shapes, fewer repeats
   python tools/bench_moe_layer.py --dispatch dropless,capacity --dtype bfloat16
+  python tools/bench_moe_layer.py --devices 8        # expert parallelism (8 fake CPU
+                                                     # devices on CPU; real ones elsewhere)
+
+With --devices N each expert-parallel dispatch mode runs on meshes of N
+devices (moejax/moe/dispatch/expert_parallel.py); rows give the bytes each
+device sends to other devices per forward pass (from the shapes; the
+backward pass moves the same again) and the time relative to the
+single-device layer with the same dispatch on the same total batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 
-from moejax.config import default_config
-from moejax.layers import SwiGLU
-from moejax.moe import MoELayer
+def _devices_flag(argv: list[str]) -> int | None:
+  for i, a in enumerate(argv):
+    if a == "--devices" and i + 1 < len(argv):
+      return int(argv[i + 1])
+    if a.startswith("--devices="):
+      return int(a.split("=", 1)[1])
+  return None
+
+
+if (_n := _devices_flag(sys.argv)) and "xla_force_host_platform_device_count" not in \
+    os.environ.get("XLA_FLAGS", ""):  # before JAX starts: fake CPU devices
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={_n}").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+
+from moejax.config import default_config  # noqa: E402
+from moejax.layers import SwiGLU  # noqa: E402
+from moejax.moe import MoELayer  # noqa: E402
+from moejax.moe.dispatch.capacity import expert_capacity  # noqa: E402
+from moejax.parallel import mesh as mesh_lib  # noqa: E402
 
 SHAPES = [  # (T, D, F, E, k)
     (4096, 256, 512, 8, 2),
@@ -63,6 +90,69 @@ def bench(shape, dispatch: str, dtype: str, capacity_factor: float, repeats: int
   return _time(g, p, x, repeats=repeats)
 
 
+EP_SHAPES = [(8192, 256, 512, 8, 2), (8192, 256, 64, 64, 8)]  # (T, D, F, E, k), T in total
+EP_MESHES = [(1, 1, -1), (2, 1, -1)]  # (data, fsdp, expert); -1 = the rest
+
+
+def ep_bytes_sent(shape, dispatch: str, dtype: str, capacity_factor: float, n: int,
+                  ep: int, platform: str) -> int:
+  """Bytes one device sends to other devices in one forward pass, from the shapes.
+
+  capacity: the [E, C, D] dispatch buffer (activation dtype) and the results
+  (float32) go through all_to_all, (ep-1)/ep of each to other devices.
+  dropless: the per-expert counts (int32 all_gather), then on CPU the padded
+  exchange sends a worst-case [A_loc, D] block to each of the ep-1 peers
+  each way; with ragged_all_to_all (TPU/GPU) only the rows routed to other
+  devices move, (ep-1)/ep of the A_loc slots at uniform load.
+  """
+  t, d, f, e, k = shape
+  act = 2 if dtype == "bfloat16" else 4
+  a_loc = k * t // n
+  if ep == 1:
+    return 0
+  if dispatch == "capacity":
+    c = expert_capacity(a_loc, e, capacity_factor)
+    return (ep - 1) * (e // ep) * c * d * (act + 4)
+  counts = (ep - 1) * e * 4
+  rows = (ep - 1) * a_loc if platform == "cpu" else (ep - 1) * a_loc // ep
+  return counts + rows * d * (act + 4)
+
+
+def bench_ep(args, shapes) -> None:
+  n = jax.device_count()
+  platform = jax.devices()[0].platform
+  repeats = 2 if args.quick else args.repeats
+  print(f"platform={platform} devices={n} (fake CPU devices share the host's cores)")
+  print("| T | D | F | E | k | dtype | mesh (data,fsdp,expert) | dispatch | "
+        "MB sent/device (fwd) | EP fwd+bwd ms | 1-device ms | EP / 1-device |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for shape in shapes:
+    t, d, f, e, k = shape
+    x = jax.random.normal(jax.random.key(1), (n, t // n, d), jnp.float32)
+    for dtype in args.dtype.split(","):
+      for dispatch in args.dispatch.split(","):
+        moe = default_config().moe
+        moe.num_experts, moe.top_k, moe.expert_hidden = e, k, f
+        moe.dispatch, moe.capacity_factor = dispatch, args.capacity_factor
+        layer = MoELayer(ml_collections.FrozenConfigDict(moe), dtype)
+        g, p = _fwd_bwd(layer, x)
+        base = _time(g, p, x, repeats=repeats)
+        for data, fsdp, expert in EP_MESHES:
+          sizes = mesh_lib.resolve_axes({"data": data, "fsdp": fsdp, "expert": expert}, n,
+                                        num_experts=e, batch_size=n)
+          mesh = mesh_lib.make_mesh(sizes)
+          ep = sizes["expert"]
+          p_sh = mesh_lib.named(mesh_lib.param_specs(p, sizes), mesh)
+          x_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec())
+          with jax.set_mesh(mesh):  # the layer takes the expert-parallel path
+            ms = _time(g, jax.device_put(p, p_sh), jax.device_put(x, x_sh), repeats=repeats)
+          mb = ep_bytes_sent(shape, dispatch, dtype, args.capacity_factor, n, ep,
+                             platform) / 2**20
+          print(f"| {t} | {d} | {f} | {e} | {k} | {dtype} | ({sizes['data']},{sizes['fsdp']},"
+                f"{ep}) | {dispatch} | {mb:.2f} | {ms * 1e3:.1f} | {base * 1e3:.1f} "
+                f"| {ms / base:.2f}x |", flush=True)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--dispatch", default="dropless,capacity")
@@ -70,7 +160,14 @@ def main() -> None:
   ap.add_argument("--capacity_factor", type=float, default=1.25)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--devices", type=int, default=None,
+                  help="benchmark expert parallelism on this many devices")
   args = ap.parse_args()
+  if args.devices:
+    if jax.device_count() != args.devices:
+      raise SystemExit(f"--devices={args.devices} but JAX sees {jax.device_count()} devices")
+    bench_ep(args, [(s[0] // 4,) + s[1:] for s in EP_SHAPES] if args.quick else EP_SHAPES)
+    return
   shapes = QUICK_SHAPES if args.quick else SHAPES
   repeats = 2 if args.quick else args.repeats
   print(f"platform={jax.default_backend()} devices={jax.devices()}")

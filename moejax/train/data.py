@@ -386,6 +386,41 @@ def _make_data_cached(path: str, seq_len: int, val_fraction: float, seed: int) -
     return LMData(train_windows, val_windows, train_domains, val_domains, domains)
 
 
+class ShardBatches:
+    """Batches of several data shards read by one process, concatenated in shard order.
+
+    Shard j of `shard_count` is `data.train_iterator(batch_size, seed, j,
+    shard_count)`; a process reads its own shards (`shard_indices`) and the
+    global batch is all shards' batches in shard order, so it depends on the
+    shard count, not on how many processes share the shards. All shards
+    advance together, so `get_state()` is one grain state (the same dict a
+    single iterator gives) and `set_state` applies it to every shard.
+    """
+
+    def __init__(self, data: LMData, batch_size: int, seed: int,
+                 shard_indices: Sequence[int], shard_count: int):
+        if not shard_indices:
+            raise ValueError("shard_indices is empty: a process must read at least one data shard")
+        self._its = [data.train_iterator(batch_size, seed, j, shard_count) for j in shard_indices]
+
+    def __iter__(self) -> "ShardBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self._its]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        states = [it.get_state() for it in self._its]
+        if any(s != states[0] for s in states[1:]):
+            raise RuntimeError(f"data shards are out of step: {states}")
+        return states[0]
+
+    def set_state(self, state: dict) -> None:
+        for it in self._its:
+            it.set_state(state)
+
+
 def make_data(path: str | None, seq_len: int, val_fraction: float, seed: int) -> LMData:
     """load_documents -> split_documents -> pack both sides with one domain list.
 

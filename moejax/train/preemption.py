@@ -29,6 +29,20 @@ class StopRequest:
   def requested(self) -> bool:
     return self._event.is_set()
 
+  def agreed(self) -> bool:
+    """Whether any process of the run was asked to stop; the same on every host.
+
+    Multi-host runs must save the same step everywhere, so the flag is
+    all-gathered (one tiny collective per call, which every process makes).
+    """
+    import jax  # noqa: PLC0415 (signal handling itself needs no JAX)
+    if jax.process_count() == 1:
+      return self.requested()
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    flags = multihost_utils.process_allgather(np.int32(self.requested()))
+    return bool(np.max(flags))
+
   def __enter__(self) -> "StopRequest":
     if threading.current_thread() is threading.main_thread():
       for s in self.SIGNALS:

@@ -46,6 +46,8 @@ class RouterOutput:
 #   update_state(state: dict, stats: dict, cfg) -> dict   (pure; updates the
 #       router's "moe_state" variables after each optimizer step from the
 #       `state_stats` of the step, summed over the whole global batch).
+#   choice_major_slots = False   (slot c * T + t is not token t's c-th choice:
+#       the expert-parallel dispatch is not used; default True)
 
 
 class Router(nn.Module):

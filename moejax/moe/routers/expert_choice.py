@@ -103,6 +103,9 @@ def num_slots(cfg: ml_collections.ConfigDict, shape_BxL: tuple[int, int]) -> int
 class ExpertChoiceRouter(Router):
   """Linear gate + `expert_choice_route`."""
 
+  # Slots are expert-major, not one per token choice: no expert-parallel path.
+  choice_major_slots = False
+
 
 
   @staticmethod
