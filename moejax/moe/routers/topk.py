@@ -9,6 +9,8 @@ Options under `moe.topk`:
          training the logits get softplus(x @ w_noise) + 1e-2 times N(0, 1)
          noise (rng stream "router"; `w_noise` is learned and starts at zero,
          as in the paper); evaluation uses the clean logits.
+  copies: experts come in groups of `copies` duplicates (grown experts); a
+         token uses at most one expert per group (`copy_group_route`).
   importance_weight, load_weight: with noise on, the router returns the
          paper's two balancing losses, already multiplied by these weights:
          "importance_loss" = w * CV^2 of the per-expert sums of the gates
@@ -61,6 +63,29 @@ def topk_route(logits_TxE: jax.Array, k: int, order: str = "softmax_topk",
       valid=jnp.ones((t * k,), bool),
   )
   return assignment, probs_TxE
+
+
+def copy_group_route(logits_TxE: jax.Array, k: int, copies: int,
+                     order: str = "softmax_topk", renormalize: bool = False
+                     ) -> tuple[Assignment, jax.Array]:
+  """Top-k over groups of `copies` consecutive experts, one expert per group.
+
+  For experts grown by duplication (moejax/init/grow.py): group g holds
+  experts g*copies .. g*copies+copies-1, its logit is the logsumexp of theirs
+  (so its softmax probability is the sum of theirs), `topk_route` picks k
+  groups with their weights, and each picked group sends the token to its
+  highest-logit expert (ties: the lowest index). With tied copies the group
+  logit is the original logit + log(copies), so routing and output equal the
+  model before growing. Returns (assignment, probs over all experts).
+  """
+  t, e = logits_TxE.shape
+  logits_TxGxC = logits_TxE.astype(jnp.float32).reshape(t, e // copies, copies)
+  group_TxG = jax.nn.logsumexp(logits_TxGxC, axis=-1)
+  assignment, _ = topk_route(group_TxG, k, order, renormalize)
+  best_TxG = jnp.argmax(logits_TxGxC, axis=-1).astype(jnp.int32)
+  expert = assignment.expert * copies + best_TxG[assignment.token, assignment.expert]
+  return assignment.replace(expert=expert), jax.nn.softmax(
+      logits_TxE.astype(jnp.float32), axis=-1)
 
 
 def cv_squared(x_E: jax.Array) -> jax.Array:
@@ -140,8 +165,13 @@ class TopKRouter(Router):
       if not deterministic:
         logits_TxE = clean_TxE + std_TxE * jax.random.normal(
             self.make_rng("router"), clean_TxE.shape, jnp.float32)
-    assignment, probs_TxE = topk_route(logits_TxE, k, opts.order,
-                                       opts.renormalize)
+    copies = opts.get("copies", 1)  # > 1 after moejax/init/grow.py
+    if copies > 1:
+      assignment, probs_TxE = copy_group_route(logits_TxE, k, copies, opts.order,
+                                               opts.renormalize)
+    else:
+      assignment, probs_TxE = topk_route(logits_TxE, k, opts.order,
+                                         opts.renormalize)
     if noise == "gaussian":
       imp, load = importance_load_losses(assignment, clean_TxE, logits_TxE,
                                          std_TxE, k)

@@ -1,0 +1,123 @@
+"""Reading source run directories: their config, compatibility checks and parameters.
+
+A source run is any run directory (DESIGN section 4): `config.json` plus
+orbax checkpoints. Only its config and the "params" / "collections" entries
+of one checkpoint are read, so runs made by any trainer version work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+# Keys that shape the parameters: a source run must agree on them.
+MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "tie_embeddings")
+# moe.* keys an adapter run may change on an MoE base (they do not change the
+# base parameters or what the base computes at evaluation).
+MOE_FREE_KEYS = ("adapters", "dispatch", "gmm_backend", "capacity_factor", "aux_loss_weight",
+                 "z_loss_weight", "balance")
+
+
+def run_config(run_dir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(run_dir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _model_mismatch(src, cfg, source_key: str, path: str, keys=MODEL_KEYS) -> None:
+  for k in keys:
+    if src.model[k] != cfg.model[k]:
+      raise ValueError(f"config key model.{k}={cfg.model[k]!r} does not match the source "
+                       f"run {source_key}={path!r}, which has model.{k}={src.model[k]!r}")
+
+
+def check_sources(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key when a source run cannot initialise `cfg`."""
+  init = cfg.get("init")
+  if init is not None and init.from_dense:
+    src = run_config(init.from_dense)
+    if src.moe.enabled:
+      raise ValueError(f"config key init.from_dense={init.from_dense!r} is invalid: that run "
+                       "is an MoE (moe.enabled=True); upcycling needs a dense run")
+    _model_mismatch(src, cfg, "init.from_dense", init.from_dense)
+    f, fe, e = src.model.ffn_hidden, cfg.moe.expert_hidden, cfg.moe.num_experts
+    if not cfg.moe.enabled:
+      fe = e = f  # a dense config: a warm start, every parameter copied
+    if init.upcycle == "copy" and fe != f:
+      raise ValueError(f"config key moe.expert_hidden={fe} is invalid with init.upcycle="
+                       f"'copy': must equal the dense run's model.ffn_hidden={f}")
+    if init.upcycle == "split" and (f % fe or e % (f // fe)):
+      raise ValueError(f"config key moe.expert_hidden={fe} / moe.num_experts={e} are invalid "
+                       f"with init.upcycle='split': expert_hidden must divide the dense "
+                       f"ffn_hidden={f} and num_experts must be a multiple of {f}/{fe}")
+    from moejax.model.transformer import layer_plan  # noqa: PLC0415
+    n_dense, _ = layer_plan(cfg)
+    if (n_dense or cfg.moe.every > 1) and cfg.model.ffn_hidden != f:  # dense layers kept
+      raise ValueError(f"config key model.ffn_hidden={cfg.model.ffn_hidden} must equal the "
+                       f"dense run's {f}: the MoE model keeps dense layers")
+  if init is not None and init.grow_from:
+    src = run_config(init.grow_from)
+    m = init.grow_factor
+    if not src.moe.enabled or src.moe.router != "topk":
+      raise ValueError(f"config key init.grow_from={init.grow_from!r} is invalid: that run "
+                       "must be an MoE with moe.router='topk'")
+    _model_mismatch(src, cfg, "init.grow_from", init.grow_from, MODEL_KEYS + ("ffn_hidden",))
+    want_e = src.moe.num_experts * m
+    if cfg.moe.num_experts != want_e:
+      raise ValueError(f"config key moe.num_experts={cfg.moe.num_experts} is invalid: growing "
+                       f"{src.moe.num_experts} experts by init.grow_factor={m} gives {want_e}")
+    want_c = src.moe.topk.get("copies", 1) * m
+    if cfg.moe.topk.copies != want_c:
+      raise ValueError(f"config key moe.topk.copies={cfg.moe.topk.copies} is invalid: must be "
+                       f"{want_c} (the source's copies x init.grow_factor) so the grown "
+                       "model computes what the source did")
+    for k in ("top_k", "expert_hidden", "every", "first_dense_layers", "num_shared_experts"):
+      if src.moe[k] != cfg.moe[k]:
+        raise ValueError(f"config key moe.{k}={cfg.moe[k]!r} does not match the source run "
+                         f"init.grow_from={init.grow_from!r}, which has {src.moe[k]!r}")
+  a = cfg.moe.get("adapters")
+  if a is not None and a.enabled:
+    src = run_config(a.base)
+    if src.moe.get("adapters") is not None and src.moe.adapters.enabled:
+      raise ValueError(f"config key moe.adapters.base={a.base!r} is invalid: that run is "
+                       "itself an adapter run; give the run it was trained on")
+    _model_mismatch(src, cfg, "moe.adapters.base", a.base, MODEL_KEYS + ("ffn_hidden",))
+    mine = {k: v for k, v in _flat(cfg.moe).items() if k.split(".")[0] not in MOE_FREE_KEYS}
+    theirs = {k: v for k, v in _flat(src.moe).items() if k.split(".")[0] not in MOE_FREE_KEYS}
+    for k in sorted(set(mine) | set(theirs)):
+      if k in mine and k in theirs and mine[k] != theirs[k]:
+        raise ValueError(f"config key moe.{k}={mine[k]!r} does not match the base run "
+                         f"moe.adapters.base={a.base!r}, which has {theirs[k]!r}")
+
+
+def load_run(run_dir: str, step: int = -1) -> tuple[dict, dict, int]:
+  """(params, non-param collections, step) of a run's checkpoint (-1 = newest)."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  path = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+  if not os.path.isdir(path):
+    raise ValueError(f"run directory {run_dir!r} has no checkpoints/ to read")
+  with ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler()},
+                             options=ocp.CheckpointManagerOptions(create=False,
+                                                                  read_only=True)) as mgr:
+    steps = sorted(mgr.all_steps())
+    if not steps:
+      raise ValueError(f"run directory {run_dir!r} has no checkpoint")
+    use = steps[-1] if step == -1 else step
+    if use not in steps:
+      raise ValueError(f"checkpoint step {step} is not in {run_dir!r}; it has {steps}")
+    state = mgr.restore(use, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = state["state"]
+  return state["params"], dict(state.get("collections", {})), use
