@@ -18,6 +18,10 @@ Commands (2 cores; the doc's numbers came from docs/results/upcycling.md):
   # copies of the whole FFN (E=8 experts of width 512, k=2: twice the dense FFN compute)
   python tools/upcycle.py --from runs/upcycling/dense --config configs/upcycle.py:copy \
       --out runs/upcycling/upcycled_copy
+  # attention experts too: `split` FFN experts + 4 attention experts (top-1, shared
+  # K/V), each a copy of the dense layer's attention (init.upcycle_attention)
+  python tools/upcycle.py --from runs/upcycling/dense --config configs/upcycle.py:copy_attn \
+      --out runs/upcycling/upcycled_attn
   # growing: an E=8 MoE run -> E=16 (every expert twice, moe.topk.copies=2)
   python -m experiments --config configs/upcycle.py:grow \
       --config.init.grow_from=runs/upcycling/upcycled --workdir runs/upcycling/grown
@@ -39,7 +43,7 @@ from configs.quickstart import get_config as quickstart
 
 BASE_STEPS = 200
 EXTRA_STEPS = 150
-VARIANTS = ("dense_base", "split", "copy", "scratch", "dense_continue", "grow")
+VARIANTS = ("dense_base", "split", "copy", "copy_attn", "scratch", "dense_continue", "grow")
 
 
 def _extra(c):
@@ -70,6 +74,13 @@ def get_config(variant: str = "split"):
   if variant == "split":  # 512 = 2 slices of 256; 4 copies of each; k=2 = one per slice
     c.init.upcycle = "split"
     c.init.router = "zero"
+  elif variant == "copy_attn":  # `split` + attention experts copied from the dense attention
+    c.init.upcycle = "split"
+    c.init.router = "zero"
+    c.model.attn_experts = 4
+    c.model.attn_top_k = 1
+    c.model.attn_shared_kv = True
+    c.init.upcycle_attention = True
   elif variant == "copy":  # experts are whole copies of the dense FFN
     c.moe.expert_hidden = 512
     c.init.upcycle = "copy"

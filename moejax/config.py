@@ -228,6 +228,29 @@ def _check_parallel(cfg) -> None:
     _fail("data.shards", shards, f"must divide train.batch_size={cfg.train.batch_size}")
 
 
+def _check_attention_experts(cfg) -> None:
+  """model.attn_* (mixture of attention experts) and init.upcycle_attention."""
+  m, init = cfg.model, cfg.get("init")
+  e = m.get("attn_experts", 0)
+  if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+    _fail("model.attn_experts", e, "must be an integer >= 0 (0 = plain attention)")
+  if e:
+    k = m.attn_top_k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= e:
+      _fail("model.attn_top_k", k, f"must be an integer in [1, model.attn_experts={e}]")
+    for key in ("model.attn_aux_loss_weight", "model.attn_z_loss_weight"):
+      _positive(cfg, key, allow_zero=True)
+  up = init is not None and init.get("upcycle_attention", False)
+  if up and not init.from_dense:
+    _fail("init.upcycle_attention", up, "needs init.from_dense (the dense run whose "
+          "attention is copied into the attention experts)")
+  if up and not e:
+    _fail("init.upcycle_attention", up, "needs model.attn_experts > 0")
+  if init is not None and init.from_dense and e and not up:
+    _fail("model.attn_experts", e, "with init.from_dense needs init.upcycle_attention=True "
+          "(the dense attention is copied into every attention expert)")
+
+
 def _check_init_and_adapters(cfg) -> None:
   """init.* and moe.adapters.* (absent in configs saved before they existed)."""
   import os  # noqa: PLC0415
@@ -327,6 +350,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if t.warmup_steps > t.steps:
     _fail("train.warmup_steps", t.warmup_steps, f"must be <= train.steps={t.steps}")
   _check_parallel(cfg)
+  _check_attention_experts(cfg)
   _check_init_and_adapters(cfg)
   if not moe.enabled:
     return

@@ -4,7 +4,9 @@
       --out DIR [--config.key=value ...] [--overwrite]
 
 Builds the MoE of the config with init.from_dense=DENSE_RUN_DIR (experts from
-the dense FFNs, fresh router, everything else carried over; moejax/init),
+the dense FFNs, fresh router, everything else carried over; with
+init.upcycle_attention also attention experts copied from the dense attention,
+e.g. the `copy_attn` variant; moejax/init),
 evaluates the dense and the upcycled model on the same validation batches
 (train.eval_batches of them), and writes DIR: config.json, a step-0
 checkpoint (parameters, fresh optimizer state, data iterator at the start)
@@ -48,6 +50,9 @@ def upcycle_run(cfg, dense_dir: str, out: str, overwrite: bool = False) -> dict:
   check = {"dense_run": os.path.abspath(dense_dir), "dense_step": int(dense_step),
            "upcycle": cfg.init.upcycle, "noise": cfg.init.noise,
            "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
+           "upcycle_attention": bool(cfg.init.upcycle_attention),
+           "attn_experts": cfg.model.attn_experts, "attn_top_k": cfg.model.attn_top_k,
+           "attn_shared_kv": bool(cfg.model.attn_shared_kv),
            "eval_batches": cfg.train.eval_batches,
            "dense_val_loss": dense["val/loss"], "upcycled_val_loss": moe["val/loss"]}
   with open(os.path.join(out, "upcycle_check.json"), "w") as f:

@@ -51,6 +51,10 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
     if src.moe.enabled:
       raise ValueError(f"config key init.from_dense={init.from_dense!r} is invalid: that run "
                        "is an MoE (moe.enabled=True); upcycling needs a dense run")
+    if src.model.get("attn_experts", 0):
+      raise ValueError(f"config key init.from_dense={init.from_dense!r} is invalid: that run "
+                       "has attention experts (model.attn_experts > 0); upcycling needs "
+                       "plain attention")
     _model_mismatch(src, cfg, "init.from_dense", init.from_dense)
     f, fe, e = src.model.ffn_hidden, cfg.moe.expert_hidden, cfg.moe.num_experts
     if not cfg.moe.enabled:

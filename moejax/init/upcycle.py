@@ -22,6 +22,14 @@ the router instead of keeping its fresh init: every expert then ties, top-k
 takes the k lowest indices with weight 1/k, which in split mode with
 k = G is one copy of every slice, so the upcycled model starts exactly at
 the dense function (the balancing loss then spreads tokens over the copies).
+
+Attention (init.upcycle_attention, the MoE config having model.attn_experts
+= E_a > 0): `attention_to_experts` makes every attention expert a copy of
+the layer's dense attention (shared K/V: the dense K/V projection is the
+shared one, each expert gets the dense Q and O); the attention router is
+fresh (or zero with router="zero") and `noise` applies to the per-expert
+weights too. Top-k weights are renormalised, so any choice of experts gives
+the dense attention output.
 """
 
 from __future__ import annotations
@@ -66,6 +74,23 @@ def ffn_to_experts(ffn: dict[str, Any], num_experts: int, expert_hidden: int,
           "w_down": np.tile(down, (reps, 1, 1))}
 
 
+def attention_to_experts(attn: dict[str, Any], num_experts: int,
+                         shared_kv: bool) -> dict[str, np.ndarray]:
+  """Dense {w_qkv [D,3,H,K], w_out [H,K,D]} -> attention-expert weights (no router).
+
+  shared_kv: {w_q [E,D,H,K], w_kv [D,2,H,K], w_out [E,H,K,D]}; else
+  {w_qkv [E,D,3,H,K], w_out [E,H,K,D]}; every expert equals the dense attention.
+  """
+  w_qkv, w_out = np.asarray(attn["w_qkv"]), np.asarray(attn["w_out"])
+  out = {"w_out": np.repeat(w_out[None], num_experts, axis=0)}
+  if shared_kv:
+    out["w_q"] = np.repeat(w_qkv[None, :, 0], num_experts, axis=0)
+    out["w_kv"] = np.array(w_qkv[:, 1:], copy=True)
+  else:
+    out["w_qkv"] = np.repeat(w_qkv[None], num_experts, axis=0)
+  return out
+
+
 def _noisy(w_ExN: np.ndarray, noise: float, rng: jax.Array) -> np.ndarray:
   if noise <= 0:
     return w_ExN
@@ -101,10 +126,20 @@ def upcycle_params(dense_params: dict, moe_params: dict, moe_cfg: ml_collections
     raise ValueError(f"config key model.num_layers={n} does not match the dense run's "
                      f"{n_src} layers")
   m = moe_cfg.moe
+  attn_experts = moe_cfg.model.get("attn_experts", 0)
   for i in range(n):
     stack, block, idx = layer_location(moe_cfg, i)
     dst = out[stack][block]
     layer = jax.tree.map(lambda a: a[i], layers)
+    if attn_experts:  # mixture of attention experts: copies of the dense attention
+      layer["attn"] = attention_to_experts(layer["attn"], attn_experts,
+                                           moe_cfg.model.attn_shared_kv)
+      for j, k in enumerate(("w_q", "w_qkv", "w_out")):
+        if k in layer["attn"]:
+          layer["attn"][k] = _noisy(layer["attn"][k], noise,
+                                    jax.random.fold_in(rng, 3 * n + 3 * i + j))
+      if router == "zero":
+        dst["attn"]["router"][idx] = 0.0
     for name in ("attn", "attn_norm", "ffn_norm"):
       for k, v in layer[name].items():
         dst[name][k][idx] = _checked(v, dst[name][k][idx], f"{name}/{k}")

@@ -89,6 +89,8 @@ def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
     total = total + w * jnp.sum(v)
   for v in aux.get("adapter_losses", {}).values():  # moe.adapters: already weighted
     total = total + v
+  for v in aux.get("attn_losses", {}).values():  # model.attn_experts: already weighted
+    total = total + v
   return total
 
 
@@ -144,6 +146,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
            "state_stats": sum0(auxs["state_stats"])}
     if "adapter_losses" in auxs:
       aux["adapter_losses"] = mean0(auxs["adapter_losses"])
+    if "attn_losses" in auxs:
+      aux["attn_losses"] = mean0(auxs["attn_losses"])
     return (jnp.mean(ls), (jnp.mean(ces), aux)), jax.tree.map(lambda g: g / n, grads)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
@@ -170,6 +174,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     for k, v in aux["losses"].items():
       metrics[f"train/{k}"] = jnp.sum(v)
     for k, v in aux.get("adapter_losses", {}).items():
+      metrics[f"train/{k}"] = v
+    for k, v in aux.get("attn_losses", {}).items():
       metrics[f"train/{k}"] = v
     if state_shardings is not None:  # keep the mesh layout step after step
       new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
