@@ -31,3 +31,15 @@ def write_run(workdir: str, cfg: ml_collections.ConfigDict, perturb: float = 0.0
   ckpt.save(0, state, data.train_iterator(cfg.train.batch_size, cfg.seed).get_state())
   ckpt.close()
   return state["params"]
+
+
+def dense_reference(cfg: ml_collections.ConfigDict, ids) -> tuple[dict, jax.Array]:
+  """A dense model's params and logits on `ids`, with non-trivial norm gains.
+
+  The perturbation keeps upcycling equalities from relying on unit gains.
+  """
+  from moejax import model as lm  # noqa: PLC0415
+  variables = lm.init(jax.random.key(1), cfg)
+  variables = jax.tree.map(lambda x: x * 1.1 + 0.01, variables)
+  logits, _ = lm.apply(variables, ids, cfg)
+  return variables["params"], logits

@@ -19,7 +19,7 @@ from moejax.init.upcycle import ffn_to_experts, upcycle_params
 from moejax.train import trainer
 from moejax.train.optimizer import make_optimizer
 from tests.conftest import REPO, tiny_config
-from tests.init.run_dirs import write_run
+from tests.init.run_dirs import dense_reference, write_run
 
 TOOL = os.path.join(REPO, "tools", "upcycle.py")
 IDS = jax.random.randint(jax.random.key(2), (2, 16), 0, 258)
@@ -40,12 +40,7 @@ def moe_config(**moe):
 
 @pytest.fixture(scope="module")
 def dense():
-  cfg = dense_config()
-  variables = lm.init(jax.random.key(1), cfg)
-  # Non-trivial norms: the equality must not rely on unit gains.
-  variables = jax.tree.map(lambda x: x * 1.1 + 0.01, variables)
-  logits, _ = lm.apply(variables, IDS, cfg)
-  return variables["params"], logits
+  return dense_reference(dense_config(), IDS)
 
 
 @pytest.mark.parametrize("moe", [

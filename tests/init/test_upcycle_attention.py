@@ -15,7 +15,7 @@ from moejax.config import ConfigError, validate
 from moejax.init.upcycle import attention_to_experts, upcycle_params
 from moejax.train import trainer
 from tests.conftest import REPO, tiny_config
-from tests.init.run_dirs import write_run
+from tests.init.run_dirs import dense_reference, write_run
 
 TOOL = os.path.join(REPO, "tools", "upcycle.py")
 IDS = np.random.default_rng(2).integers(0, 258, (2, 16)).astype(np.int32)
@@ -54,12 +54,7 @@ def moa_config(experts: int, top_k: int, shared_kv: bool, moe: bool = True, **mo
 
 @pytest.fixture(scope="module")
 def dense():
-  cfg = dense_config()
-  variables = lm.init(jax.random.key(1), cfg)
-  # Non-trivial norms: the equality must not rely on unit gains.
-  variables = jax.tree.map(lambda x: x * 1.1 + 0.01, variables)
-  logits, _ = lm.apply(variables, IDS, cfg)
-  return variables["params"], logits
+  return dense_reference(dense_config(), IDS)
 
 
 def test_attention_to_experts_copies_the_dense_projections():
