@@ -7,6 +7,7 @@ the key, the value and what is allowed, before anything is compiled.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import ml_collections
@@ -368,6 +369,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
   # Router options under moe.<router>; cross-key rules only for the chosen router.
   e, k = moe.num_experts, moe.top_k
+  if moe.router == "topk" and k == 1 and (moe.topk.renormalize
+                                          or moe.topk.order == "topk_softmax"):
+    # A normalised single weight is always 1: the router would get no gradient
+    # from the LM loss (Switch keeps the raw softmax probability as the gate).
+    key, val = (("moe.topk.renormalize", True) if moe.topk.order == "softmax_topk"
+                else ("moe.topk.order", "topk_softmax"))
+    _fail(key, val, "with moe.top_k=1 the gate would be constantly 1 and the router would "
+          "learn only from the balancing losses; use moe.topk.order='softmax_topk' with "
+          "moe.topk.renormalize=False (Switch)")
   _choice(moe.topk.noise, "moe.topk.noise", TOPK_NOISES)
   for key in ("moe.topk.importance_weight", "moe.topk.load_weight",
               "moe.top_p.entropy_weight"):
@@ -417,3 +427,28 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
           f"must divide model.num_layers - moe.first_dense_layers = {rest} (> 0)")
   import pallas_kernels  # noqa: PLC0415 (kept local: only MoE runs need it)
   _choice(moe.gmm_backend, "moe.gmm_backend", ("auto",) + tuple(pallas_kernels.BACKENDS))
+
+
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every",
+                  "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.max_bad_steps",
+                  # the device mesh changes where things run, not what is computed
+                  "parallel.data", "parallel.fsdp", "parallel.expert")
+
+
+def config_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
+  """Dotted keys whose value differs between a saved config.json and `cfg`."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[f"{prefix}{k}"] = v
+    return out
+  a, b = flat(saved), flat(json.loads(cfg.to_json_best_effort()))
+  # Keys added to the schema after the run was saved count as their defaults.
+  defaults = flat(json.loads(default_config().to_json_best_effort()))
+  a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
+  return sorted(k for k in set(a) | set(b)
+                if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUMABLE_KEYS)

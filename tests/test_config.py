@@ -101,3 +101,17 @@ def test_missing_data_path():
   cfg.data.path = "/nonexistent/corpus"
   with pytest.raises(ValueError, match="data.path"):
     trainer.prepare(cfg)
+
+
+def test_top1_router_must_keep_a_gradient():
+  """top-1 with a normalised gate (weight always 1) would cut the router off the LM loss."""
+  cfg = tiny_config(num_experts=4, top_k=1)
+  cfg.moe.topk.renormalize = True
+  with pytest.raises(ConfigError, match="moe.topk.renormalize=True.*renormalize=False"):
+    validate(cfg)
+  cfg.moe.topk.renormalize = False
+  cfg.moe.topk.order = "topk_softmax"
+  with pytest.raises(ConfigError, match="moe.topk.order='topk_softmax'"):
+    validate(cfg)
+  cfg.moe.topk.order = "softmax_topk"
+  validate(cfg)  # Switch routing

@@ -1,7 +1,7 @@
 """IsoFLOP grid for dense and MoE scaling laws (Chinchilla-style, plus MoE width/granularity).
 
 Command (2-core CPU):
-  python -m experiments.sweep --config configs/sweeps/scaling.py:tiny --workdir runs/scaling-tiny   # 36 runs, ~1-1.5 h
+  python -m experiments.sweep --config configs/sweeps/scaling.py:tiny --workdir runs/scaling-tiny   # 48 runs, ~1-1.5 h
   python -m experiments.sweep --config configs/sweeps/scaling.py --workdir runs/scaling            # 120 runs (accelerator)
   python tools/fit_scaling_laws.py --law chinchilla --csv runs/scaling-tiny/results.csv \
       --where "_family=='dense'" --out dense.json
@@ -24,8 +24,9 @@ VARIANTS = {
     # widths, budgets (FLOPs), (E, G) MoE families
     "full": ((64, 96, 128, 192), (1e13, 3e13, 1e14),
              [(e, g) for e in (4, 8, 16) for g in (1, 2, 4)]),
-    # 3 widths x 3 budgets per family: 9 points, enough for a 5-parameter law.
-    "tiny": ((48, 80, 128), (1e12, 3e12, 1e13), [(4, 1), (8, 1), (8, 2)]),
+    # 4 widths x 3 budgets per family: 12 points for a 5-parameter law.
+    # Widths from 32: at these budgets the isoFLOP optimum sits at or below 48.
+    "tiny": ((32, 48, 80, 128), (1e12, 3e12, 1e13), [(4, 1), (8, 1), (8, 2)]),
 }
 FFN_MULT = 4  # dense FFN width = FFN_MULT * d_model
 
@@ -33,8 +34,10 @@ FFN_MULT = 4  # dense FFN width = FFN_MULT * d_model
 def _family(e: int, g: int) -> dict:
   if e == 0:
     return {"family": "dense", "moe.enabled": False}
+  # top-1 gates keep the raw softmax probability (Switch): a renormalised
+  # single weight is always 1 and would give the router no LM-loss gradient.
   return {"family": f"moe-E{e}-G{g}", "moe.enabled": True, "moe.num_experts": e * g,
-          "moe.top_k": g, "moe.granularity": g}
+          "moe.top_k": g, "moe.topk.renormalize": g > 1, "moe.granularity": g}
 
 
 def get_sweep(variant: str = "full") -> Sweep:

@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 
 from experiments.sweep.grid import Point, Sweep
+from moejax.config import config_changes
 
 SUMMARY_FIELDS = ("name", "final_val_loss", "final_val_bpb", "params_total", "params_active",
                   "flops_per_token", "tokens_seen", "steps", "wall_seconds",
@@ -37,14 +38,11 @@ def _saved_config(workdir: str) -> dict | None:
     return json.load(f)
 
 
-def _as_dict(cfg: ml_collections.ConfigDict) -> dict:
-  return json.loads(cfg.to_json_best_effort())
-
-
 def finished_summary(workdir: str, cfg: ml_collections.ConfigDict) -> dict | None:
-  """The point's summary if it finished with this config's number of steps."""
+  """The point's summary if it finished with this config and its number of steps."""
   path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
+  saved = _saved_config(workdir)
+  if not os.path.exists(path) or saved is None or config_changes(saved, cfg):
     return None
   with open(path) as f:
     summary = json.load(f)
@@ -52,16 +50,17 @@ def finished_summary(workdir: str, cfg: ml_collections.ConfigDict) -> dict | Non
 
 
 def prepare_point(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-  """Writes the point's config.json; refuses a directory holding another config."""
+  """Writes the point's config.json; refuses a directory holding another config.
+
+  Keys that only change how a run proceeds (train.steps, eval/checkpoint
+  cadence, the mesh) may differ: the run continues from its checkpoint.
+  """
   saved = _saved_config(workdir)
-  want = _as_dict(cfg)
   if saved is not None:
-    a, b = dict(saved), dict(want)
-    a["train"] = {k: v for k, v in a["train"].items() if k != "steps"}
-    b["train"] = {k: v for k, v in b["train"].items() if k != "steps"}
-    if a != b:
-      raise ValueError(f"{workdir} holds a run with a different config; move it away "
-                       "or use another --workdir")
+    changed = config_changes(saved, cfg)
+    if changed:
+      raise ValueError(f"{workdir} holds a run with a different config (differs in: "
+                       f"{', '.join(changed[:5])}); move it away or use another --workdir")
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, "config.json.tmp")
   with open(tmp, "w") as f:

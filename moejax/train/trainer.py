@@ -23,7 +23,7 @@ import optax
 
 from moejax import model as lm
 from moejax.analysis import online as routing_online
-from moejax.config import default_config, validate
+from moejax.config import config_changes, validate
 from moejax.init import hooks as init_hooks
 from moejax.model.transformer import layer_plan
 from moejax.moe.adapters import apply_with_adapter_losses
@@ -235,31 +235,6 @@ def flatten_moe_metrics(moe: dict, layers: list[int]) -> dict[str, float]:
 
 
 # Keys a run may change when it is continued: they do not change what is trained.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every",
-                  "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.max_bad_steps",
-                  # the device mesh changes where things run, not what is computed
-                  "parallel.data", "parallel.fsdp", "parallel.expert")
-
-
-def config_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
-  """Dotted keys whose value differs between a saved config.json and `cfg`."""
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      if isinstance(v, dict):
-        out.update(flat(v, f"{prefix}{k}."))
-      else:
-        out[f"{prefix}{k}"] = v
-    return out
-  a, b = flat(saved), flat(json.loads(cfg.to_json_best_effort()))
-  # Keys added to the schema after the run was saved count as their defaults.
-  defaults = flat(json.loads(default_config().to_json_best_effort()))
-  a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
-  return sorted(k for k in set(a) | set(b)
-                if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUMABLE_KEYS)
-
-
 def check_workdir(cfg: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
   """Refuses a workdir that holds a run of a different config (unless overwrite)."""
   path = os.path.join(workdir, "config.json")

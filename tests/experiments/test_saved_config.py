@@ -3,8 +3,7 @@
 import json
 
 from experiments import saved_config
-from moejax.config import default_config
-from moejax.train.trainer import config_changes
+from moejax.config import config_changes, default_config
 from tests.conftest import tiny_config
 
 
