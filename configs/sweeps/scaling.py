@@ -11,9 +11,9 @@ for a dense family and MoE families at the dense model's active FLOPs per
 token: E experts of granularity G (E*G experts of width ffn/G, top_k = G,
 so a token's expert compute equals the dense FFN's). Fit dense and MoE laws
 on results.csv and compare them with the efficiency leverage
-(moejax.scaling). Expected result: for each budget a U-shaped isoFLOP curve
-in width; MoE families below the dense curve at equal compute. No result
-from this grid is recorded yet.
+(moejax.scaling; `tools/scaling_report.py` does both). Expected result: for
+each budget a U-shaped isoFLOP curve in width; MoE families below the dense
+curve at equal compute. Status and results: docs/results/scaling.md.
 """
 
 from configs.quickstart import get_config
