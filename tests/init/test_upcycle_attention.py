@@ -107,7 +107,7 @@ def test_tool_upcycles_attention_and_the_run_trains(dense_run, tmp_path):
   tool = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tool)
   cfg = moa_config(2, 1, True, True)
-  cfg.moe.num_experts, cfg.moe.top_k = 2, 1
+  cfg.moe.num_experts, cfg.moe.top_k = 2, 2  # k copies, weights sum to 1
   cfg.train.batch_size = 4
   cfg.train.eval_batches = 1
   cfg.train.steps = 2
