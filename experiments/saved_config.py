@@ -10,18 +10,9 @@ import json
 
 import ml_collections
 
-from moejax.config import default_config
-
-
-def _merge(base: dict, saved: dict) -> dict:
-  out = dict(base)
-  for k, v in saved.items():
-    out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-  return out
+from moejax.config import with_defaults
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
   with open(path) as f:
-    saved = json.load(f)
-  base = json.loads(default_config().to_json_best_effort())
-  return ml_collections.ConfigDict(_merge(base, saved))
+    return ml_collections.ConfigDict(with_defaults(json.load(f)))

@@ -429,11 +429,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(moe.gmm_backend, "moe.gmm_backend", ("auto",) + tuple(pallas_kernels.BACKENDS))
 
 
+# Keys a run may change when it is continued: they do not change what is trained.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every",
                   "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.max_bad_steps",
                   # the device mesh changes where things run, not what is computed
                   "parallel.data", "parallel.fsdp", "parallel.expert")
+
+
+def with_defaults(saved: dict) -> dict:
+  """A saved config.json dict with keys added to the schema since then at their defaults."""
+  def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return merge(json.loads(default_config().to_json_best_effort()), saved)
 
 
 def config_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
@@ -446,9 +457,6 @@ def config_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
       else:
         out[f"{prefix}{k}"] = v
     return out
-  a, b = flat(saved), flat(json.loads(cfg.to_json_best_effort()))
-  # Keys added to the schema after the run was saved count as their defaults.
-  defaults = flat(json.loads(default_config().to_json_best_effort()))
-  a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
+  a, b = flat(with_defaults(saved)), flat(json.loads(cfg.to_json_best_effort()))
   return sorted(k for k in set(a) | set(b)
                 if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUMABLE_KEYS)

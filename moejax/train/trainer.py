@@ -75,6 +75,10 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   return jnp.sum(nats * weights_BxL) / jnp.sum(weights_BxL)
 
 
+# Aux loss groups that arrive already weighted: moe.adapters, model.attn_experts.
+WEIGHTED_AUX = ("adapter_losses", "attn_losses")
+
+
 def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
   """Cross-entropy plus the auxiliary losses summed over MoE layers.
 
@@ -87,10 +91,9 @@ def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
     w = (moe_cfg.aux_loss_weight if k in BALANCE_LOSSES else
          moe_cfg.z_loss_weight if k == "z_loss" else 1.0)
     total = total + w * jnp.sum(v)
-  for v in aux.get("adapter_losses", {}).values():  # moe.adapters: already weighted
-    total = total + v
-  for v in aux.get("attn_losses", {}).values():  # model.attn_experts: already weighted
-    total = total + v
+  for group in WEIGHTED_AUX:
+    for v in aux.get(group, {}).values():
+      total = total + v
   return total
 
 
@@ -144,10 +147,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     sum0 = lambda t: jax.tree.map(lambda v: jnp.sum(v, axis=0), t)
     aux = {"losses": mean0(auxs["losses"]), "metrics": mean0(auxs["metrics"]),
            "state_stats": sum0(auxs["state_stats"])}
-    if "adapter_losses" in auxs:
-      aux["adapter_losses"] = mean0(auxs["adapter_losses"])
-    if "attn_losses" in auxs:
-      aux["attn_losses"] = mean0(auxs["attn_losses"])
+    aux.update({g: mean0(auxs[g]) for g in WEIGHTED_AUX if g in auxs})
     return (jnp.mean(ls), (jnp.mean(ces), aux)), jax.tree.map(lambda g: g / n, grads)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
@@ -173,10 +173,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
                "train/skipped_steps": new_state["skipped_steps"]}
     for k, v in aux["losses"].items():
       metrics[f"train/{k}"] = jnp.sum(v)
-    for k, v in aux.get("adapter_losses", {}).items():
-      metrics[f"train/{k}"] = v
-    for k, v in aux.get("attn_losses", {}).items():
-      metrics[f"train/{k}"] = v
+    for group in WEIGHTED_AUX:
+      for k, v in aux.get(group, {}).items():
+        metrics[f"train/{k}"] = v
     if state_shardings is not None:  # keep the mesh layout step after step
       new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
     return new_state, {"scalars": metrics, "finite": finite,
@@ -234,7 +233,6 @@ def flatten_moe_metrics(moe: dict, layers: list[int]) -> dict[str, float]:
   return out
 
 
-# Keys a run may change when it is continued: they do not change what is trained.
 def check_workdir(cfg: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
   """Refuses a workdir that holds a run of a different config (unless overwrite)."""
   path = os.path.join(workdir, "config.json")
