@@ -25,6 +25,13 @@ Commands (2 cores; the doc's numbers came from docs/results/upcycling.md):
   # growing: an E=8 MoE run -> E=16 (every expert twice, moe.topk.copies=2)
   python -m experiments --config configs/upcycle.py:grow \
       --config.init.grow_from=runs/upcycling/upcycled --workdir runs/upcycling/grown
+  # growing by importance: E=8 -> 16, the 8 extra copies given out by each
+  # expert's gradient (Taylor) importance on 4 training batches
+  python -m experiments --config configs/upcycle.py:grow_importance \
+      --config.init.grow_from=runs/upcycling/upcycled --workdir runs/upcycling/grown_importance
+  # the no-growth baseline: the same E=8 run continued (grow_factor=1, same schedule)
+  python -m experiments --config configs/upcycle.py:grow_none \
+      --config.init.grow_from=runs/upcycling/upcycled --workdir runs/upcycling/grown_none
 
 What it reproduces: the sparse-upcycling setup of Komatsuzaki et al. (2023)
 at toy scale: the upcycled MoE starts exactly at the dense model's loss
@@ -43,7 +50,8 @@ from configs.quickstart import get_config as quickstart
 
 BASE_STEPS = 200
 EXTRA_STEPS = 150
-VARIANTS = ("dense_base", "split", "copy", "copy_attn", "scratch", "dense_continue", "grow")
+VARIANTS = ("dense_base", "split", "copy", "copy_attn", "scratch", "dense_continue", "grow",
+            "grow_importance", "grow_none")
 
 
 def _extra(c):
@@ -88,5 +96,14 @@ def get_config(variant: str = "split"):
     c.moe.num_experts = 16
     c.moe.topk.copies = 2
     c.init.grow_factor = 2
+    c.init.grow_noise = 1e-3
+  elif variant == "grow_none":  # the no-growth baseline: the E=8 run warm-started
+    c.init.grow_factor = 1
+    c.init.grow_noise = 1e-3
+  elif variant == "grow_importance":  # same size, extra copies where the loss gradient says
+    c.moe.num_experts = 16
+    c.moe.topk.grown_groups = 8
+    c.init.grow_select = "importance"
+    c.init.grow_batches = 4
     c.init.grow_noise = 1e-3
   return c

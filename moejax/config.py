@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.topk.importance_weight = 0.01  # with noise: weight of the importance loss
   c.moe.topk.load_weight = 0.01  # with noise: weight of the load loss
   c.moe.topk.copies = 1  # experts in groups of duplicates, one per group (grown MoEs)
+  c.moe.topk.grown_groups = 0  # > 0: groups of any size, per-layer ids in moe_state (grown MoEs)
   # Adapter experts (moejax/moe/adapters.py): routed LoRA experts on a frozen
   # base run (dense or MoE); only they and their routers are trained.
   c.moe.adapters = ml_collections.ConfigDict()
@@ -160,8 +161,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.init.noise = 0.0  # upcycling: Gaussian noise, relative to each weight's std
   c.init.router = "fresh"  # upcycled router: "fresh" init or "zero" (uniform at first)
   c.init.upcycle_attention = False  # init.from_dense: attention experts copy the dense attention
-  c.init.grow_from = ""  # MoE run dir (topk router): duplicate every expert
-  c.init.grow_factor = 2  # copies of each expert
+  c.init.grow_from = ""  # MoE run dir (topk router): duplicate experts
+  c.init.grow_select = "all"  # "all" (every expert) or "importance" (gradient importance)
+  c.init.grow_factor = 2  # grow_select="all": copies of each expert (1: warm start)
+  c.init.grow_batches = 4  # grow_select="importance": training batches that score experts
   c.init.grow_noise = 0.0  # std of the noise added to the duplicated router columns
   c.init.step = -1  # checkpoint step of the source run (-1 = newest)
   return c
@@ -266,6 +269,16 @@ def _check_init_and_adapters(cfg) -> None:
     if moe.num_experts % copies or moe.top_k > moe.num_experts // copies:
       _fail("moe.topk.copies", copies, f"must divide moe.num_experts={moe.num_experts} "
             f"into at least moe.top_k={moe.top_k} groups")
+  groups = moe.topk.get("grown_groups", 0)
+  if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0:
+    _fail("moe.topk.grown_groups", groups, "must be a non-negative integer")
+  if groups > 0 and moe.enabled:
+    if moe.router != "topk" or moe.topk.noise != "none" or copies > 1:
+      _fail("moe.topk.grown_groups", groups, "> 0 needs moe.router='topk' with "
+            "moe.topk.noise='none' and moe.topk.copies=1")
+    if not moe.top_k <= groups <= moe.num_experts:
+      _fail("moe.topk.grown_groups", groups, f"must be between moe.top_k={moe.top_k} and "
+            f"moe.num_experts={moe.num_experts}")
 
   def run_dir(key: str, path: str) -> None:
     if not (os.path.exists(os.path.join(path, "config.json"))
@@ -289,8 +302,16 @@ def _check_init_and_adapters(cfg) -> None:
     if init.grow_from:
       run_dir("init.grow_from", init.grow_from)
       _positive(cfg, "init.grow_noise", allow_zero=True)
-      if isinstance(init.grow_factor, bool) or init.grow_factor < 2:
-        _fail("init.grow_factor", init.grow_factor, "must be an integer >= 2")
+      select = init.get("grow_select", "all")
+      from moejax.init.grow import SELECTS  # noqa: PLC0415
+      _choice(select, "init.grow_select", SELECTS)
+      if select == "all" and (not isinstance(init.grow_factor, int)
+                              or isinstance(init.grow_factor, bool) or init.grow_factor < 1):
+        _fail("init.grow_factor", init.grow_factor, "must be an integer >= 1 (1: a warm "
+              "start of the MoE run, the no-growth baseline)")
+      nb = init.get("grow_batches", 4)
+      if select == "importance" and (isinstance(nb, bool) or not isinstance(nb, int) or nb < 1):
+        _fail("init.grow_batches", nb, "must be a positive integer")
       if not moe.enabled or moe.router != "topk":
         _fail("init.grow_from", init.grow_from, "needs moe.enabled=True and moe.router='topk'")
     if (init.from_dense or init.grow_from) and a is not None and a.enabled:

@@ -1,62 +1,169 @@
-"""Growing an MoE's experts during continued training: every expert becomes m copies.
+"""Growing an MoE's experts during continued training by duplicating experts.
 
-`grow_params(params, factor, noise, rng)` is pure: in every MoE layer expert e
-becomes experts e*m .. e*m+m-1 (identical weights) and its router column is
-repeated m times, plus N(0, noise^2) on every repeated column. Everything
-else is unchanged.
+Which experts are duplicated (`init.grow_select`):
+  "all": every expert becomes `init.grow_factor` consecutive copies;
+  "importance": the grown layer has `moe.num_experts` experts, the originals
+      plus extra copies given out by first-order (Taylor) importance on a few
+      training batches of the source model: I_e = |sum_theta theta * dL/dtheta|
+      over expert e's weights, the estimated change of the LM loss if e were
+      removed (Molchanov et al., 2019). Extra copies go one at a time to the
+      expert with the largest I_e / (copies it has), the D'Hondt rule, so the
+      most important experts are duplicated first and no copy's share of
+      importance is much above another's.
+
+Both are one pure gather: `grow_params(params, src_PxE, noise, rng)` makes
+grown expert j of MoE period p a copy of source expert src_PxE[p, j] (weights
+and router column), plus N(0, noise^2) on every router column.
 
 Why the forward pass is unchanged at the switch (top-k fixed): with plain
-softmax-then-top-k, m tied copies split their expert's probability into m
-equal parts and a token's k slots can all go to copies of its best expert,
-which changes the output. The grown model therefore routes with
-`moe.topk.copies = m` (moejax/moe/routers/topk.copy_group_route): a group of
-copies has logit logsumexp(copy logits), which for tied copies is the
-original logit + log(m); the k groups and their weights are chosen exactly
-as the k experts were before (softmax of logits shifted by the same log(m) is
-unchanged; so is top-k and the renormalisation), and each chosen group uses
-its highest-logit copy, identical to the original expert. After the switch
-the copies' router columns and weights diverge through training (and the
-`noise` perturbation), and the balancing loss, computed over all E*m
-experts, spreads tokens over the copies.
+softmax-then-top-k, tied copies split their expert's probability and a
+token's k slots can all go to copies of its best expert, which changes the
+output. The grown model therefore routes over groups of copies
+(moejax/moe/routers/topk.group_route): a group's logit is the log-mean-exp of
+its copies' logits, equal to the original logit while the copies are tied, so
+the k groups and their weights are chosen exactly as the k experts were, and
+each chosen group uses its highest-logit copy, identical to the original
+expert. Equal-size consecutive groups ("all") are `moe.topk.copies = m`; any
+other grouping is `moe.topk.grown_groups = G` with each layer's group ids in
+the "moe_state" variable "group". After the switch the copies' router columns
+and weights diverge through training (and the `noise` perturbation), and the
+balancing loss, computed over all experts, spreads tokens over the copies.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
 
 ROUTER_KEYS = ("w_gate",)
+SELECTS = ("all", "importance")
+GROUP_PATH = ("moe_layers", "block0", "moe", "router", "group")
 
 
-def _grow_moe(moe: dict, factor: int, noise: float, rng: jax.Array) -> dict:
+def _moe(params: dict) -> dict:
+  if "moe_layers" not in params:
+    raise ValueError("the source run has no MoE layers to grow (init.grow_from needs an MoE run)")
+  return params["moe_layers"]["block0"]["moe"]
+
+
+def num_periods(params: dict) -> int:
+  return int(_moe(params)["router"]["w_gate"].shape[0])
+
+
+def all_copies(num_experts: int, periods: int, factor: int) -> np.ndarray:
+  """src_PxE for init.grow_select='all': expert e -> experts e*m .. e*m+m-1."""
+  if factor < 1:
+    raise ValueError(f"config key init.grow_factor={factor} is invalid: must be >= 1")
+  return np.tile(np.repeat(np.arange(num_experts), factor), (periods, 1))
+
+
+def dhondt_copies(score_PxE: np.ndarray, num_experts: int) -> np.ndarray:
+  """src_PxE for init.grow_select='importance': originals, then extra copies by D'Hondt.
+
+  Each extra copy goes to argmax_e score_e / copies_e (ties: the lowest
+  index); extras are listed after the originals in order of source index.
+  """
+  p, e = score_PxE.shape
+  if num_experts <= e:
+    raise ValueError(f"config key moe.num_experts={num_experts} is invalid for growing: must "
+                     f"exceed the source run's {e} experts")
+  out = np.empty((p, num_experts), np.int64)
+  for i, score_E in enumerate(np.asarray(score_PxE, np.float64)):
+    copies_E = np.ones(e)
+    for _ in range(num_experts - e):
+      copies_E[int(np.argmax(score_E / copies_E))] += 1
+    extra = np.repeat(np.arange(e), copies_E.astype(np.int64) - 1)
+    out[i] = np.concatenate([np.arange(e), extra])
+  return out
+
+
+def source_groups(src_cfg: ml_collections.ConfigDict, collections: dict,
+                  periods: int) -> tuple[np.ndarray, int]:
+  """(group_PxE, number of groups) of the source run's experts."""
+  e, topk = src_cfg.moe.num_experts, src_cfg.moe.topk
+  grown = topk.get("grown_groups", 0)
+  if grown > 0:
+    node: Any = collections["moe_state"]
+    for k in GROUP_PATH:
+      node = node[k]
+    return np.asarray(node, np.int64), grown
+  c = topk.get("copies", 1)
+  return np.tile(np.arange(e) // c, (periods, 1)), e // c
+
+
+def grown_grouping(src_cfg: ml_collections.ConfigDict, select: str) -> tuple[int, int]:
+  """(moe.topk.copies, moe.topk.grown_groups) the grown model must use."""
+  e, topk = src_cfg.moe.num_experts, src_cfg.moe.topk
+  grown, c = topk.get("grown_groups", 0), topk.get("copies", 1)
+  if select == "all" and grown == 0:
+    return -1, 0  # copies = source copies x grow_factor (the caller knows the factor)
+  return 1, grown if grown > 0 else e // c
+
+
+def expert_importance(src_cfg: ml_collections.ConfigDict, params: dict, collections: dict,
+                      batches: Iterable[dict]) -> np.ndarray:
+  """score_PxE = |sum over expert e's weights of theta * mean-batch dL/dtheta| (LM loss)."""
+  from moejax import model as lm  # noqa: PLC0415
+
+  model = lm.make_model(src_cfg, deterministic=True)
+
+  @jax.jit
+  def grad(p, ids, targets):
+    def loss(p):
+      logits, _ = model.apply({"params": p, **collections}, ids)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return jax.grad(loss)(p)
+
+  total, n = None, 0
+  for b in batches:
+    g = _moe(grad(params, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"])))["experts"]
+    total = g if total is None else jax.tree.map(jnp.add, total, g)
+    n += 1
+  if not n:
+    raise ValueError("init.grow_batches must give at least one calibration batch")
+  experts = _moe(params)["experts"]
+  taylor = [jnp.sum((w * gw / n).reshape(w.shape[:2] + (-1,)), axis=-1)
+            for w, gw in zip(jax.tree.leaves(experts), jax.tree.leaves(total))]
+  return np.abs(np.asarray(sum(taylor)))
+
+
+def grow_params(params: dict, src_PxE: np.ndarray, noise: float = 0.0,
+                rng: jax.Array | None = None) -> dict:
+  """params with MoE period p's expert j a copy of source expert src_PxE[p, j]."""
+  moe = _moe(params)
   extra = set(moe["router"]) - set(ROUTER_KEYS)
   if extra:
     raise ValueError(f"growing supports the plain topk router (w_gate only); this router "
                      f"also has {sorted(extra)} (config key moe.topk.noise must be 'none')")
-  experts = {k: jnp.repeat(v, factor, axis=1) for k, v in moe["experts"].items()}
-  w_PxDxE = jnp.repeat(moe["router"]["w_gate"], factor, axis=-1)
+  idx = jnp.asarray(src_PxE, jnp.int32)
+  if idx.shape[0] != num_periods(params):
+    raise ValueError(f"src_PxE has {idx.shape[0]} rows for {num_periods(params)} MoE periods")
+  take = jax.vmap(lambda a, i: a[i])
+  experts = {k: take(v, idx) for k, v in moe["experts"].items()}
+  w_PxDxE = jax.vmap(lambda w, i: w[:, i])(moe["router"]["w_gate"], idx)
   if noise > 0:
+    rng = jax.random.key(0) if rng is None else rng
     w_PxDxE = w_PxDxE + noise * jax.random.normal(rng, w_PxDxE.shape, w_PxDxE.dtype)
-  out = dict(moe)
-  out["experts"] = experts
-  out["router"] = {"w_gate": w_PxDxE}
-  return out
-
-
-def grow_params(params: dict, factor: int, noise: float = 0.0,
-                rng: jax.Array | None = None) -> dict:
-  """params with every MoE layer's E experts grown to E * factor (module docstring)."""
-  if factor < 1:
-    raise ValueError(f"config key init.grow_factor={factor} is invalid: must be >= 1")
-  rng = jax.random.key(0) if rng is None else rng
   out: dict[str, Any] = dict(params)
-  if "moe_layers" not in params:
-    raise ValueError("the source run has no MoE layers to grow (init.grow_from needs an MoE run)")
   stack = dict(params["moe_layers"])
   block0 = dict(stack["block0"])
-  block0["moe"] = _grow_moe(block0["moe"], factor, noise, rng)
+  block0["moe"] = {**moe, "experts": experts, "router": {"w_gate": w_PxDxE}}
   stack["block0"] = block0
   out["moe_layers"] = stack
   return out
+
+
+def set_groups(collections: dict, group_PxE: np.ndarray) -> dict:
+  """`collections` with the "group" state of the grown router replaced."""
+  def put(tree: dict, path: tuple[str, ...]) -> dict:
+    if len(path) == 1:
+      if path[0] not in tree:
+        raise ValueError("the grown config has no group state (moe.topk.grown_groups must be > 0)")
+      return {**tree, path[0]: jnp.asarray(group_PxE, jnp.int32)}
+    return {**tree, path[0]: put(tree[path[0]], path[1:])}
+  return {**collections, "moe_state": put(collections["moe_state"], GROUP_PATH)}

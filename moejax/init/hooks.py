@@ -21,13 +21,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from moejax.init.grow import grow_params
+from moejax.init import grow
 from moejax.init.layout import layer_location
-from moejax.init.sources import load_run
+from moejax.init.sources import load_run, run_config
 from moejax.init.upcycle import upcycle_params
 from moejax.moe import adapters as ad
+from moejax.train import data as data_lib
 
 
 def set_adapter_masks(cfg: ml_collections.ConfigDict, mask_collection: dict) -> dict:
@@ -80,9 +82,7 @@ def initial_variables(cfg: ml_collections.ConfigDict, variables: dict) -> dict:
     params = upcycle_params(dense, params, cfg, mode=init.upcycle, noise=init.noise,
                             router=init.get("router", "fresh"), rng=rng)
   elif init is not None and init.grow_from:
-    src, _, _ = load_run(init.grow_from, init.step)
-    params = _same_shapes(grow_params(src, init.grow_factor, init.grow_noise, rng), params,
-                          f"init.grow_from={init.grow_from!r}")
+    params, collections = _grown(cfg, params, collections, rng)
   a = ad.adapters_cfg(cfg)
   if a is not None:
     base, base_collections, _ = load_run(a.base)
@@ -92,6 +92,32 @@ def initial_variables(cfg: ml_collections.ConfigDict, variables: dict) -> dict:
         collections[k] = _same_shapes(v, collections[k], f"moe.adapters.base collection {k}")
     collections[ad.MASK_COLLECTION] = set_adapter_masks(cfg, collections[ad.MASK_COLLECTION])
   return {"params": params, **collections}
+
+
+def _grown(cfg: ml_collections.ConfigDict, params: dict, collections: dict,
+           rng: jax.Array) -> tuple[dict, dict]:
+  """(params, collections) of init.grow_from grown into `cfg`'s experts (moejax/init/grow.py)."""
+  init = cfg.init
+  what = f"init.grow_from={init.grow_from!r}"
+  src_cfg = run_config(init.grow_from)
+  src, src_collections, _ = load_run(init.grow_from, init.step)
+  p = grow.num_periods(src)
+  if init.get("grow_select", "all") == "importance":
+    data = data_lib.make_data(cfg.data.path, cfg.train.seq_len, cfg.data.val_fraction, cfg.seed)
+    it = data.train_iterator(cfg.train.batch_size, seed=(cfg.seed + 104729) % 2**32)
+    batches = [next(it) for _ in range(init.grow_batches)]
+    score_PxE = grow.expert_importance(src_cfg, src, src_collections, batches)
+    src_PxE = grow.dhondt_copies(score_PxE, cfg.moe.num_experts)
+    print(f"init.grow_select='importance': expert importance per MoE period "
+          f"{np.round(score_PxE, 6).tolist()}; copies "
+          f"{[np.bincount(r, minlength=score_PxE.shape[1]).tolist() for r in src_PxE]}")
+  else:
+    src_PxE = grow.all_copies(src_cfg.moe.num_experts, p, init.grow_factor)
+  params = _same_shapes(grow.grow_params(src, src_PxE, init.grow_noise, rng), params, what)
+  if cfg.moe.topk.get("grown_groups", 0) > 0:
+    group_PxE, _ = grow.source_groups(src_cfg, src_collections, p)
+    collections = grow.set_groups(collections, np.take_along_axis(group_PxE, src_PxE, axis=1))
+  return params, collections
 
 
 def wrap_optimizer(cfg: ml_collections.ConfigDict,

@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from moejax.init.grow import grown_grouping
+
 # Keys that shape the parameters: a source run must agree on them.
 MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "tie_embeddings")
 # moe.* keys an adapter run may change on an MoE base (they do not change the
@@ -22,8 +24,10 @@ MOE_FREE_KEYS = ("adapters", "dispatch", "gmm_backend", "capacity_factor", "aux_
 
 
 def run_config(run_dir: str) -> ml_collections.ConfigDict:
+  """The run's config.json, with keys added since it was written at their defaults."""
+  from moejax.config import with_defaults  # noqa: PLC0415 (moejax.config imports this lazily)
   with open(os.path.join(run_dir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(with_defaults(json.load(f)))
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -78,15 +82,21 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config key init.grow_from={init.grow_from!r} is invalid: that run "
                        "must be an MoE with moe.router='topk'")
     _model_mismatch(src, cfg, "init.grow_from", init.grow_from, MODEL_KEYS + ("ffn_hidden",))
-    want_e = src.moe.num_experts * m
-    if cfg.moe.num_experts != want_e:
+    select = init.get("grow_select", "all")
+    e_src = src.moe.num_experts
+    if select == "all" and cfg.moe.num_experts != e_src * m:
       raise ValueError(f"config key moe.num_experts={cfg.moe.num_experts} is invalid: growing "
-                       f"{src.moe.num_experts} experts by init.grow_factor={m} gives {want_e}")
-    want_c = src.moe.topk.get("copies", 1) * m
-    if cfg.moe.topk.copies != want_c:
-      raise ValueError(f"config key moe.topk.copies={cfg.moe.topk.copies} is invalid: must be "
-                       f"{want_c} (the source's copies x init.grow_factor) so the grown "
-                       "model computes what the source did")
+                       f"{e_src} experts by init.grow_factor={m} gives {e_src * m}")
+    if select == "importance" and cfg.moe.num_experts <= e_src:
+      raise ValueError(f"config key moe.num_experts={cfg.moe.num_experts} is invalid with "
+                       f"init.grow_select='importance': must exceed the source run's {e_src}")
+    want_c, want_g = grown_grouping(src, select)
+    want_c = src.moe.topk.copies * m if want_c == -1 else want_c
+    for key, want in (("copies", want_c), ("grown_groups", want_g)):
+      if cfg.moe.topk.get(key, 0 if key == "grown_groups" else 1) != want:
+        raise ValueError(f"config key moe.topk.{key}={cfg.moe.topk.get(key)} is invalid: must "
+                         f"be {want} (moe.topk.copies={want_c}, moe.topk.grown_groups={want_g}) "
+                         f"so the grown model computes what the source did")
     for k in ("top_k", "expert_hidden", "every", "first_dense_layers", "num_shared_experts"):
       if src.moe[k] != cfg.moe[k]:
         raise ValueError(f"config key moe.{k}={cfg.moe[k]!r} does not match the source run "

@@ -9,8 +9,11 @@ Options under `moe.topk`:
          training the logits get softplus(x @ w_noise) + 1e-2 times N(0, 1)
          noise (rng stream "router"; `w_noise` is learned and starts at zero,
          as in the paper); evaluation uses the clean logits.
-  copies: experts come in groups of `copies` duplicates (grown experts); a
-         token uses at most one expert per group (`copy_group_route`).
+  copies: experts come in groups of `copies` consecutive duplicates (grown
+         experts); a token uses at most one expert per group (`group_route`).
+  grown_groups: > 0: the experts are duplicates of this many original
+         experts, groups of any size, each layer's membership in the
+         "moe_state" variable "group" (init.grow_select='importance').
   importance_weight, load_weight: with noise on, the router returns the
          paper's two balancing losses, already multiplied by these weights:
          "importance_loss" = w * CV^2 of the per-expert sums of the gates
@@ -65,25 +68,43 @@ def topk_route(logits_TxE: jax.Array, k: int, order: str = "softmax_topk",
   return assignment, probs_TxE
 
 
-def copy_group_route(logits_TxE: jax.Array, k: int, copies: int,
-                     order: str = "softmax_topk", renormalize: bool = False
-                     ) -> tuple[Assignment, jax.Array]:
-  """Top-k over groups of `copies` consecutive experts, one expert per group.
+def copy_groups(num_experts: int, copies: int) -> jax.Array:
+  """Group id of each expert when every group is `copies` consecutive experts."""
+  return jnp.arange(num_experts, dtype=jnp.int32) // copies
 
-  For experts grown by duplication (moejax/init/grow.py): group g holds
-  experts g*copies .. g*copies+copies-1, its logit is the logsumexp of theirs
-  (so its softmax probability is the sum of theirs), `topk_route` picks k
-  groups with their weights, and each picked group sends the token to its
-  highest-logit expert (ties: the lowest index). With tied copies the group
-  logit is the original logit + log(copies), so routing and output equal the
-  model before growing. Returns (assignment, probs over all experts).
+
+def default_groups(num_experts: int, num_groups: int) -> jax.Array:
+  """Contiguous, near-equal groups: the initial value of the "group" state."""
+  return (jnp.arange(num_experts, dtype=jnp.int32) * num_groups) // num_experts
+
+
+def group_route(logits_TxE: jax.Array, k: int, group_E: jax.Array, num_groups: int,
+                order: str = "softmax_topk", renormalize: bool = False
+                ) -> tuple[Assignment, jax.Array]:
+  """Top-k over groups of duplicated experts, at most one expert per group.
+
+  For experts grown by duplication (moejax/init/grow.py): expert e belongs to
+  group `group_E[e]` (every group non-empty; groups may differ in size). A
+  group's logit is the log-mean-exp of its experts' logits, `topk_route`
+  picks k groups with their weights, and each picked group sends the token
+  to its highest-logit expert (ties: the lowest index). Tied copies of an
+  expert give a group logit equal to the original logit whatever the group
+  sizes, so routing and output equal the model before growing. Returns
+  (assignment, probs over all experts).
   """
   t, e = logits_TxE.shape
-  logits_TxGxC = logits_TxE.astype(jnp.float32).reshape(t, e // copies, copies)
-  group_TxG = jax.nn.logsumexp(logits_TxGxC, axis=-1)
+  l_ExT = logits_TxE.astype(jnp.float32).T
+  group_E = group_E.astype(jnp.int32)
+  seg = dict(segment_ids=group_E, num_segments=num_groups)
+  m_GxT = jax.lax.stop_gradient(jax.ops.segment_max(l_ExT, **seg))  # lse is m-invariant
+  s_GxT = jax.ops.segment_sum(jnp.exp(l_ExT - m_GxT[group_E]), **seg)
+  n_G = jax.ops.segment_sum(jnp.ones((e,), jnp.float32), **seg)
+  group_TxG = (m_GxT + jnp.log(s_GxT) - jnp.log(n_G)[:, None]).T
   assignment, _ = topk_route(group_TxG, k, order, renormalize)
-  best_TxG = jnp.argmax(logits_TxGxC, axis=-1).astype(jnp.int32)
-  expert = assignment.expert * copies + best_TxG[assignment.token, assignment.expert]
+  is_max_ExT = l_ExT == m_GxT[group_E]
+  idx_ExT = jnp.where(is_max_ExT, jnp.arange(e, dtype=jnp.int32)[:, None], e)
+  best_GxT = jax.ops.segment_min(idx_ExT, **seg)
+  expert = best_GxT[assignment.expert, assignment.token]
   return assignment.replace(expert=expert), jax.nn.softmax(
       logits_TxE.astype(jnp.float32), axis=-1)
 
@@ -165,10 +186,14 @@ class TopKRouter(Router):
       if not deterministic:
         logits_TxE = clean_TxE + std_TxE * jax.random.normal(
             self.make_rng("router"), clean_TxE.shape, jnp.float32)
-    copies = opts.get("copies", 1)  # > 1 after moejax/init/grow.py
-    if copies > 1:
-      assignment, probs_TxE = copy_group_route(logits_TxE, k, copies, opts.order,
-                                               opts.renormalize)
+    copies, groups = opts.get("copies", 1), opts.get("grown_groups", 0)  # moejax/init/grow.py
+    if groups > 0:
+      group_E = self.variable("moe_state", "group", default_groups, e, groups).value
+      assignment, probs_TxE = group_route(logits_TxE, k, group_E, groups, opts.order,
+                                          opts.renormalize)
+    elif copies > 1:
+      assignment, probs_TxE = group_route(logits_TxE, k, copy_groups(e, copies), e // copies,
+                                          opts.order, opts.renormalize)
     else:
       assignment, probs_TxE = topk_route(logits_TxE, k, opts.order,
                                          opts.renormalize)
