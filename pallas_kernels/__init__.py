@@ -4,8 +4,18 @@
 `tgmm(lhs [k,m], rhs [m,n], group_sizes) -> [G,k,n]` with the conventions of
 JAX's megablox kernels. `backend="auto"` picks `default_backend()`:
 mosaic_tpu on TPU, triton on GPU, cpu on CPU. Importable without moejax.
+
+The API is loaded on first use, so `pallas_kernels.cpu_env` (process setup
+that entry points run before JAX starts) imports without JAX.
 """
 
-from pallas_kernels.api import BACKENDS, default_backend, gmm, tgmm
+from __future__ import annotations
 
 __all__ = ["BACKENDS", "default_backend", "gmm", "tgmm"]
+
+
+def __getattr__(name: str):
+  if name in __all__:
+    from pallas_kernels import api  # noqa: PLC0415
+    return getattr(api, name)
+  raise AttributeError(f"module 'pallas_kernels' has no attribute {name!r}")
