@@ -1,7 +1,7 @@
 """IsoFLOP grid for dense and MoE scaling laws (Chinchilla-style, plus MoE width/granularity).
 
 Command (2-core CPU):
-  python -m experiments.sweep --config configs/sweeps/scaling.py:tiny --workdir runs/scaling-tiny   # 48 runs, TINY_RUNTIME
+  python -m experiments.sweep --config configs/sweeps/scaling.py:tiny --workdir runs/scaling-tiny   # 48 runs, ~1.1 h quiet
   python tools/scaling_report.py --csv runs/scaling-tiny/results.csv --out docs/results/scaling \
       --max_starts 64 --bootstrap 100          # per-family fits, efficiency leverage, plot (~30 s)
   python -m experiments.sweep --config configs/sweeps/scaling.py --workdir runs/scaling            # 120 runs (accelerator)
