@@ -206,6 +206,11 @@ def _positive(cfg, key: str, allow_zero: bool = False) -> None:
     _fail(key, v, "must be a " + ("non-negative" if allow_zero else "positive") + " number")
 
 
+def _is_int(v: Any) -> bool:
+  """An int that is not a bool (True would pass isinstance(v, int))."""
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _choice(value: Any, key: str, allowed) -> None:
   if value not in allowed:
     _fail(key, value, f"allowed: {sorted(allowed)}")
@@ -236,11 +241,11 @@ def _check_attention_experts(cfg) -> None:
   """model.attn_* (mixture of attention experts) and init.upcycle_attention."""
   m, init = cfg.model, cfg.get("init")
   e = m.get("attn_experts", 0)
-  if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+  if not _is_int(e) or e < 0:
     _fail("model.attn_experts", e, "must be an integer >= 0 (0 = plain attention)")
   if e:
     k = m.attn_top_k
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= e:
+    if not _is_int(k) or not 1 <= k <= e:
       _fail("model.attn_top_k", k, f"must be an integer in [1, model.attn_experts={e}]")
     for key in ("model.attn_aux_loss_weight", "model.attn_z_loss_weight"):
       _positive(cfg, key, allow_zero=True)
@@ -261,7 +266,7 @@ def _check_init_and_adapters(cfg) -> None:
   from moejax.moe import adapters as ad  # noqa: PLC0415
   moe, init = cfg.moe, cfg.get("init")
   copies = moe.topk.get("copies", 1)
-  if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+  if not _is_int(copies) or copies < 1:
     _fail("moe.topk.copies", copies, "must be a positive integer")
   if copies > 1 and moe.enabled:
     if moe.router != "topk" or moe.topk.noise != "none":
@@ -270,7 +275,7 @@ def _check_init_and_adapters(cfg) -> None:
       _fail("moe.topk.copies", copies, f"must divide moe.num_experts={moe.num_experts} "
             f"into at least moe.top_k={moe.top_k} groups")
   groups = moe.topk.get("grown_groups", 0)
-  if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0:
+  if not _is_int(groups) or groups < 0:
     _fail("moe.topk.grown_groups", groups, "must be a non-negative integer")
   if groups > 0 and moe.enabled:
     if moe.router != "topk" or moe.topk.noise != "none" or copies > 1:
@@ -305,12 +310,11 @@ def _check_init_and_adapters(cfg) -> None:
       select = init.get("grow_select", "all")
       from moejax.init.grow import SELECTS  # noqa: PLC0415
       _choice(select, "init.grow_select", SELECTS)
-      if select == "all" and (not isinstance(init.grow_factor, int)
-                              or isinstance(init.grow_factor, bool) or init.grow_factor < 1):
+      if select == "all" and (not _is_int(init.grow_factor) or init.grow_factor < 1):
         _fail("init.grow_factor", init.grow_factor, "must be an integer >= 1 (1: a warm "
               "start of the MoE run, the no-growth baseline)")
       nb = init.get("grow_batches", 4)
-      if select == "importance" and (isinstance(nb, bool) or not isinstance(nb, int) or nb < 1):
+      if select == "importance" and (not _is_int(nb) or nb < 1):
         _fail("init.grow_batches", nb, "must be a positive integer")
       if not moe.enabled or moe.router != "topk":
         _fail("init.grow_from", init.grow_from, "needs moe.enabled=True and moe.router='topk'")
@@ -468,16 +472,19 @@ def with_defaults(saved: dict) -> dict:
   return merge(json.loads(default_config().to_json_best_effort()), saved)
 
 
+def flat_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: leaf value} of a nested dict or ConfigDict."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(flat_keys(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def config_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
   """Dotted keys whose value differs between a saved config.json and `cfg`."""
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      if isinstance(v, dict):
-        out.update(flat(v, f"{prefix}{k}."))
-      else:
-        out[f"{prefix}{k}"] = v
-    return out
-  a, b = flat(with_defaults(saved)), flat(json.loads(cfg.to_json_best_effort()))
+  a, b = flat_keys(with_defaults(saved)), flat_keys(json.loads(cfg.to_json_best_effort()))
   return sorted(k for k in set(a) | set(b)
                 if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUMABLE_KEYS)

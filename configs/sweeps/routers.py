@@ -10,6 +10,7 @@ real `:short` run is in docs/results/routers.md.
 
 from configs.routers import ROUTERS, get_config
 from experiments.sweep.grid import Sweep
+from moejax.config import flat_keys
 
 VARIANTS = {"full": 600, "short": 300}
 
@@ -23,24 +24,16 @@ def get_sweep(variant: str = "full") -> Sweep:
   base.train.steps = steps
   base.train.eval_every = steps // 3
   base.train.checkpoint_every = steps // 3
+  base_keys = flat_keys(base)
   points = []
   for name in ROUTERS:
     cfg = get_config(name)
     point = {"name": f"router-{name}"}
     # Every key the router variant changes relative to top-k becomes part of the point.
-    for key, value in _flat(cfg).items():
+    for key, value in flat_keys(cfg).items():
       if key not in ("name", "train.steps", "train.eval_every", "train.checkpoint_every") \
-          and _flat(base).get(key) != value:
+          and base_keys.get(key) != value:
         point[key] = value
     points.append(point)
   return Sweep(f"routers-{variant}", base, points)
 
-
-def _flat(cfg, prefix=""):
-  out = {}
-  for k, v in cfg.items():
-    if hasattr(v, "items"):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out

@@ -83,26 +83,24 @@ def dhondt_copies(score_PxE: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def source_groups(src_cfg: ml_collections.ConfigDict, collections: dict,
-                  periods: int) -> tuple[np.ndarray, int]:
-  """(group_PxE, number of groups) of the source run's experts."""
-  e, topk = src_cfg.moe.num_experts, src_cfg.moe.topk
-  grown = topk.get("grown_groups", 0)
-  if grown > 0:
+                  periods: int) -> np.ndarray:
+  """group_PxE: the group of each of the source run's experts, per MoE period."""
+  topk = src_cfg.moe.topk
+  if topk.grown_groups > 0:
     node: Any = collections["moe_state"]
     for k in GROUP_PATH:
       node = node[k]
-    return np.asarray(node, np.int64), grown
-  c = topk.get("copies", 1)
-  return np.tile(np.arange(e) // c, (periods, 1)), e // c
+    return np.asarray(node, np.int64)
+  return np.tile(np.arange(src_cfg.moe.num_experts) // topk.copies, (periods, 1))
 
 
-def grown_grouping(src_cfg: ml_collections.ConfigDict, select: str) -> tuple[int, int]:
+def grown_grouping(src_cfg: ml_collections.ConfigDict, select: str,
+                   factor: int) -> tuple[int, int]:
   """(moe.topk.copies, moe.topk.grown_groups) the grown model must use."""
   e, topk = src_cfg.moe.num_experts, src_cfg.moe.topk
-  grown, c = topk.get("grown_groups", 0), topk.get("copies", 1)
-  if select == "all" and grown == 0:
-    return -1, 0  # copies = source copies x grow_factor (the caller knows the factor)
-  return 1, grown if grown > 0 else e // c
+  if select == "all" and topk.grown_groups == 0:
+    return topk.copies * factor, 0  # still equal consecutive groups
+  return 1, topk.grown_groups if topk.grown_groups > 0 else e // topk.copies
 
 
 def expert_importance(src_cfg: ml_collections.ConfigDict, params: dict, collections: dict,

@@ -115,7 +115,7 @@ def _grown(cfg: ml_collections.ConfigDict, params: dict, collections: dict,
     src_PxE = grow.all_copies(src_cfg.moe.num_experts, p, init.grow_factor)
   params = _same_shapes(grow.grow_params(src, src_PxE, init.grow_noise, rng), params, what)
   if cfg.moe.topk.get("grown_groups", 0) > 0:
-    group_PxE, _ = grow.source_groups(src_cfg, src_collections, p)
+    group_PxE = grow.source_groups(src_cfg, src_collections, p)
     collections = grow.set_groups(collections, np.take_along_axis(group_PxE, src_PxE, axis=1))
   return params, collections
 

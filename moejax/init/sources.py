@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import ml_collections
 
+from moejax.config import flat_keys, with_defaults
 from moejax.init.grow import grown_grouping
 
 # Keys that shape the parameters: a source run must agree on them.
@@ -25,19 +25,8 @@ MOE_FREE_KEYS = ("adapters", "dispatch", "gmm_backend", "capacity_factor", "aux_
 
 def run_config(run_dir: str) -> ml_collections.ConfigDict:
   """The run's config.json, with keys added since it was written at their defaults."""
-  from moejax.config import with_defaults  # noqa: PLC0415 (moejax.config imports this lazily)
   with open(os.path.join(run_dir, "config.json")) as f:
     return ml_collections.ConfigDict(with_defaults(json.load(f)))
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, (dict, ml_collections.ConfigDict)):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _model_mismatch(src, cfg, source_key: str, path: str, keys=MODEL_KEYS) -> None:
@@ -90,11 +79,10 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
     if select == "importance" and cfg.moe.num_experts <= e_src:
       raise ValueError(f"config key moe.num_experts={cfg.moe.num_experts} is invalid with "
                        f"init.grow_select='importance': must exceed the source run's {e_src}")
-    want_c, want_g = grown_grouping(src, select)
-    want_c = src.moe.topk.copies * m if want_c == -1 else want_c
+    want_c, want_g = grown_grouping(src, select, m)
     for key, want in (("copies", want_c), ("grown_groups", want_g)):
-      if cfg.moe.topk.get(key, 0 if key == "grown_groups" else 1) != want:
-        raise ValueError(f"config key moe.topk.{key}={cfg.moe.topk.get(key)} is invalid: must "
+      if cfg.moe.topk[key] != want:
+        raise ValueError(f"config key moe.topk.{key}={cfg.moe.topk[key]} is invalid: must "
                          f"be {want} (moe.topk.copies={want_c}, moe.topk.grown_groups={want_g}) "
                          f"so the grown model computes what the source did")
     for k in ("top_k", "expert_hidden", "every", "first_dense_layers", "num_shared_experts"):
@@ -108,8 +96,9 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config key moe.adapters.base={a.base!r} is invalid: that run is "
                        "itself an adapter run; give the run it was trained on")
     _model_mismatch(src, cfg, "moe.adapters.base", a.base, MODEL_KEYS + ("ffn_hidden",))
-    mine = {k: v for k, v in _flat(cfg.moe).items() if k.split(".")[0] not in MOE_FREE_KEYS}
-    theirs = {k: v for k, v in _flat(src.moe).items() if k.split(".")[0] not in MOE_FREE_KEYS}
+    mine = {k: v for k, v in flat_keys(cfg.moe).items() if k.split(".")[0] not in MOE_FREE_KEYS}
+    theirs = {k: v for k, v in flat_keys(src.moe).items()
+              if k.split(".")[0] not in MOE_FREE_KEYS}
     for k in sorted(set(mine) | set(theirs)):
       if k in mine and k in theirs and mine[k] != theirs[k]:
         raise ValueError(f"config key moe.{k}={mine[k]!r} does not match the base run "

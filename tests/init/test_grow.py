@@ -199,18 +199,21 @@ def test_config_option_and_errors(tmp_path):
   params, _, _ = load_run(run)
   jax.tree.map(np.testing.assert_array_equal, state["params"], grow_params(params, 2))
   jax.tree.map(np.testing.assert_array_equal, params, saved)
+  assert_refused(cfg, {"moe.topk.copies": 1}, "moe.topk.copies=1")
+  assert_refused(cfg, {"moe.num_experts": 12, "moe.topk.copies": 3}, "moe.num_experts=12")
+  assert_refused(cfg, {"init.grow_factor": 0}, "init.grow_factor=0")
+
+
+def assert_refused(cfg, changes: dict, match: str) -> None:
+  """validate() raises ConfigError matching `match` for cfg with dotted `changes` applied."""
   bad = cfg.copy_and_resolve_references()
-  bad.moe.topk.copies = 1
-  with pytest.raises(ConfigError, match="moe.topk.copies=1"):
-    validate(bad)
-  bad = cfg.copy_and_resolve_references()
-  bad.moe.num_experts = 12
-  bad.moe.topk.copies = 3
-  with pytest.raises(ConfigError, match="moe.num_experts=12"):
-    validate(bad)
-  bad = cfg.copy_and_resolve_references()
-  bad.init.grow_factor = 0
-  with pytest.raises(ConfigError, match="init.grow_factor=0"):
+  for key, value in changes.items():
+    *path, last = key.split(".")
+    node = bad
+    for part in path:
+      node = node[part]
+    node[last] = value
+  with pytest.raises(ConfigError, match=match):
     validate(bad)
 
 
@@ -266,26 +269,11 @@ def test_importance_growth_keeps_logits_and_duplicates_the_important(tmp_path):
   g1 = np.asarray(c1["moe_state"]["moe_layers"]["block0"]["moe"]["router"]["group"])
   np.testing.assert_array_equal(g2, np.repeat(g1, 2, axis=1))
 
-  bad = cfg.copy_and_resolve_references()
-  bad.moe.topk.grown_groups = 0
-  with pytest.raises(ConfigError, match="moe.topk.grown_groups=0"):
-    validate(bad)
-  bad = importance_config(src, 4)
-  bad.init.grow_from = run
-  with pytest.raises(ConfigError, match="moe.num_experts=4"):
-    validate(bad)
-  bad = cfg.copy_and_resolve_references()
-  bad.init.grow_select = "gradient"
-  with pytest.raises(ConfigError, match="init.grow_select='gradient'"):
-    validate(bad)
-  bad = cfg.copy_and_resolve_references()
-  bad.init.grow_batches = 0
-  with pytest.raises(ConfigError, match="init.grow_batches=0"):
-    validate(bad)
-  bad = cfg.copy_and_resolve_references()
-  bad.moe.topk.grown_groups = 9
-  with pytest.raises(ConfigError, match="moe.topk.grown_groups=9"):
-    validate(bad)
+  assert_refused(cfg, {"moe.topk.grown_groups": 0}, "moe.topk.grown_groups=0")
+  assert_refused(cfg, {"moe.num_experts": 4}, "moe.num_experts=4")
+  assert_refused(cfg, {"init.grow_select": "gradient"}, "init.grow_select='gradient'")
+  assert_refused(cfg, {"init.grow_batches": 0}, "init.grow_batches=0")
+  assert_refused(cfg, {"moe.topk.grown_groups": 9}, "moe.topk.grown_groups=9")
 
 
 def _plain(cfg):
