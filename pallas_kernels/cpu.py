@@ -1,23 +1,28 @@
 """Fast CPU backend built from ordinary XLA ops.
 
-Why not ragged_dot: on XLA:CPU it costs about G dense matmuls. Here every
-group is cut into row chunks whose sizes are powers of two times a minimum
-chunk `tm`: as many `tm_max`-row chunks as fit, then one chunk for each set
-bit of the remainder rounded up to `tm` (e.g. 700 rows, tm=16, tm_max=512 ->
-512 + 128 + 64 rows, the last one 4 rows too long). Each chunk is one
-dense dot with that group's weights, so big groups run at dense-matmul speed
-and the waste is under `tm` rows per group. Chunks start at the group's first
-row (no gather, no padded buffer): they may overhang into the next group and
-are masked on write (gmm) or on read (tgmm).
+Why not ragged_dot: on XLA:CPU it costs about G dense matmuls. Here each
+group is cut into row chunks, and each chunk is one dense dot with that
+group's weights, so big groups run at dense-matmul speed. A group of s rows
+gets one *head* chunk covering its first r rows, r = s - top * floor((s-1) /
+top) in (0, top], rounded up to the smallest chunk class >= r, then
+floor((s-1) / top) chunks of `top` rows. The classes are tm * 2**i and
+1.5 * tm * 2**i up to `top`, so the head wastes under a third of its rows
+(and at most tm - 1 for tiny groups) while a group never costs more than one
+partial chunk: each extra chunk costs a fresh pass over the group's weights
+(gmm) or over its [k, n] output slice (tgmm), which at G=64 costs more than
+the padded rows. Chunks start at a row of the group (no gather, no padded
+buffer); only the head can overhang its rows and is masked on write (gmm) or
+on read (tgmm). The head comes first so that tgmm can write its output slice
+without reading it; the full `top` chunks that follow need no mask.
 
 Loops are `fori_loop`s with data-dependent trip counts (the per-class loops
 run 0 or 1 times), so the cost follows the live rows: empty groups and rows
 past sum(group_sizes) cost nothing but the zero-filled output. The while-loop
 carries are updated in place (no conditional copies of the output).
 
-`tiling=(tm, _, _)`: tm is the smallest row chunk (default 16); the largest
-is tm times the largest power of two not above 512 rows (float32) or 1024
-rows (bfloat16). The k and n entries are ignored: XLA's dot tiles those.
+`tiling=(tm, _, _)`: tm is the smallest row chunk (default 16); `top` is the
+largest class not above 512 rows (float32) or 1024 rows (bfloat16) and not
+above m. The k and n entries are ignored: XLA's dot tiles those.
 """
 
 from __future__ import annotations
@@ -30,51 +35,50 @@ from pallas_kernels import _common
 
 
 def _chunk_classes(m_rows: int, tiling, dtype) -> list[int]:
-  """Chunk sizes tm * 2**i, ascending, none larger than m_rows."""
+  """Ascending chunk sizes tm * 2**i and 1.5 * tm * 2**i (>= 3 tm), <= cap.
+
+  cap = min(m_rows, 512 rows float32 / 1024 rows bfloat16), at least tm.
+  """
   tm = 16 if tiling is None else int(tiling[0])
-  tm_max = max(tm, 1024 if dtype == jnp.bfloat16 else 512)
-  classes = [tm]
-  while classes[-1] * 2 <= min(tm_max, m_rows):
-    classes.append(classes[-1] * 2)
+  cap = max(tm, min(m_rows, 1024 if dtype == jnp.bfloat16 else 512))
+  classes, c = [], tm
+  while c <= cap:
+    classes.append(c)
+    if c >= 2 * tm and c * 3 // 2 <= cap:
+      classes.append(c * 3 // 2)
+    c *= 2
   return classes
 
 
 def _for_each_chunk(start: jax.Array, end: jax.Array, classes: list[int],
-                    m_rows: int, body, carry):
-  """Runs body(chunk_rows, row0, true_start, carry) over the chunks of [start, end).
+                    m_rows: int, head_body, top_body, carry):
+  """Runs the head chunk, then the full top chunks, of the rows [start, end).
 
-  `row0` is where the chunk's slice starts (clamped so it fits in m_rows) and
-  `true_start` the first row the chunk is responsible for; rows of the slice
-  outside [true_start, end) must be ignored by `body`.
+  head_body(c_rows, row0, lo, hi, carry): a chunk of c_rows rows sliced at
+  row0 (clamped so it fits in m_rows) of which only rows [lo, hi) are the
+  group's; the others must be ignored. Runs once for a non-empty group.
+  top_body(row0, carry): exactly the top-class rows [row0, row0 + top), all
+  the group's.
   """
   top = classes[-1]
-  size = end - start
-  n_top = size // top
+  n_top = jnp.maximum(end - start - 1, 0) // top
+  head = end - start - n_top * top  # in (0, top] for a non-empty group
+  lo_rows = 0
+  for c_rows in classes:
+    run = ((head > lo_rows) & (head <= c_rows)).astype(jnp.int32)
 
-  def top_body(i, c):
-    r = start + i * top
-    return body(top, jnp.minimum(r, m_rows - top), r, c)
+    def one(i, c, c_rows=c_rows):
+      # `+ i` (i is always 0) keeps the chunk dependent on the loop index;
+      # otherwise XLA hoists the loop-invariant dot out of this 0/1-trip loop
+      # and computes it even when the loop does not run.
+      r = start + i
+      return head_body(c_rows, jnp.minimum(r, m_rows - c_rows), r, r + head, c)
 
-  carry = lax.fori_loop(0, n_top, top_body, carry)
-  pos = start + n_top * top
-  rest = size - n_top * top
-  units = (rest + classes[0] - 1) // classes[0]  # remainder in tm units
-  for c_rows in reversed(classes):
-    bit = (units // (c_rows // classes[0])) % 2
-    if c_rows == top:
-      # Only when the remainder rounds up to a whole top chunk.
-      bit = jnp.where(units * classes[0] == top, 1, 0)
-
-    def one(i, c, c_rows=c_rows, pos=pos):
-      # `+ i * c_rows` (i is always 0) keeps the chunk dependent on the loop
-      # index; otherwise XLA hoists the loop-invariant dot out of this 0/1-trip
-      # loop and computes it even when the loop does not run.
-      r = pos + i * c_rows
-      return body(c_rows, jnp.minimum(r, m_rows - c_rows), r, c)
-
-    carry = lax.fori_loop(0, bit, one, carry)
-    pos = pos + bit * c_rows
-  return carry
+    carry = lax.fori_loop(0, run, one, carry)
+    lo_rows = c_rows
+  first = start + head
+  return lax.fori_loop(0, n_top, lambda i, c: top_body(first + i * top, c),
+                       carry)
 
 
 def _for_each_nonempty_group(starts_G: jax.Array, ends_G: jax.Array, body,
@@ -126,19 +130,25 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
 
   def group_body(j, out_MxN):
     w = _group_weights(rhs, j)
-    end = ends[j]
 
-    def chunk(c_rows, row0, true_start, out):
+    def product(c_rows, row0):
       x = lax.dynamic_slice_in_dim(lhs, row0, c_rows, 0)
-      y = lax.dot_general(x, w, (contract, ((), ())),
-                          preferred_element_type=jnp.float32)
+      return lax.dot_general(x, w, (contract, ((), ())),
+                             preferred_element_type=jnp.float32)
+
+    def head(c_rows, row0, lo, hi, out):
       rows = row0 + lax.iota(jnp.int32, c_rows)
-      keep = (rows >= true_start) & (rows < end)
+      keep = (rows >= lo) & (rows < hi)
       old = lax.dynamic_slice_in_dim(out, row0, c_rows, 0)
-      new = jnp.where(keep[:, None], y, old)
+      new = jnp.where(keep[:, None], product(c_rows, row0), old)
       return lax.dynamic_update_slice_in_dim(out, new, row0, 0)
 
-    return _for_each_chunk(starts[j], end, classes, m_rows, chunk, out_MxN)
+    def top(row0, out):
+      return lax.dynamic_update_slice_in_dim(out, product(classes[-1], row0),
+                                             row0, 0)
+
+    return _for_each_chunk(starts[j], ends[j], classes, m_rows, head, top,
+                           out_MxN)
 
   # The carry stays float32: XLA:CPU has no bfloat16 dynamic-update-slice and
   # would convert (and copy) the whole buffer around every chunk.
@@ -160,22 +170,31 @@ def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,
   starts, ends = _common.local_bounds(group_sizes, group_offset,
                                       num_actual_groups)
 
+  def product(c_rows, row0, keep=None):
+    xs = lax.dynamic_slice_in_dim(x, row0, c_rows, 0)
+    ys = lax.dynamic_slice_in_dim(dy, row0, c_rows, 0)
+    if keep is not None:  # both masked: a row outside may hold inf/nan
+      xs, ys = jnp.where(keep, xs, 0), jnp.where(keep, ys, 0)
+    return lax.dot_general(xs, ys, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
   def group_body(j, out_GxKxN):
-    end = ends[j]
-
-    # Chunks accumulate straight into the output slot of group j (float32
-    # output) -- a separate accumulator costs an extra [k, n] pass per chunk.
-    def chunk(c_rows, row0, true_start, out):
+    # The head chunk writes group j's slot without reading it; the top chunks
+    # accumulate into it in place (a separate accumulator costs an extra
+    # [k, n] pass per chunk).
+    def head(c_rows, row0, lo, hi, out):
       rows = row0 + lax.iota(jnp.int32, c_rows)
-      keep = ((rows >= true_start) & (rows < end))[:, None]
-      xs = jnp.where(keep, lax.dynamic_slice_in_dim(x, row0, c_rows, 0), 0)
-      ys = jnp.where(keep, lax.dynamic_slice_in_dim(dy, row0, c_rows, 0), 0)
-      part = lax.dot_general(xs, ys, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-      prev = lax.dynamic_index_in_dim(out, j, 0, keepdims=False)
-      return lax.dynamic_update_index_in_dim(out, prev + part, j, 0)
+      keep = ((rows >= lo) & (rows < hi))[:, None]
+      return lax.dynamic_update_index_in_dim(
+          out, product(c_rows, row0, keep), j, 0)
 
-    return _for_each_chunk(starts[j], end, classes, m_rows, chunk, out_GxKxN)
+    def top(row0, out):
+      prev = lax.dynamic_index_in_dim(out, j, 0, keepdims=False)
+      return lax.dynamic_update_index_in_dim(
+          out, prev + product(classes[-1], row0), j, 0)
+
+    return _for_each_chunk(starts[j], ends[j], classes, m_rows, head, top,
+                           out_GxKxN)
 
   out = jnp.zeros((num_actual_groups, k, n), jnp.float32)
   return _for_each_nonempty_group(starts, ends, group_body,

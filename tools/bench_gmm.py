@@ -1,10 +1,12 @@
 """Benchmark gmm (forward and forward+backward) against a FLOP-matched dense matmul.
 
-For every backend and case it prints the median time, the achieved
+For every backend and case it prints the median time (calls interleaved
+with the baseline's), the achieved
 throughput (GFLOP/s on CPU, TFLOP/s on accelerators) and the ratio to a dense
 [m_live, k] x [k, n] matmul (same dtype, float32 accumulation, fwd+bwd = the
 three matmuls of its VJP) measured in the same process. The "live=m/4" cases
-also print the ratio to the same backend's full-buffer time.
+also print the ratio to the same backend's full-buffer fwd+bwd time, timed
+in the same rounds.
 
   python tools/bench_gmm.py --dtype float32
   python tools/bench_gmm.py --dtype bfloat16 --backends cpu,xla --repeats 5
@@ -15,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import pallas_kernels as pk  # noqa: E402  (repo root first on sys.path)
+from timing import time_interleaved  # noqa: E402  (tools/, the script's dir)
 
 _ACCEL = {"mosaic_tpu": "tpu", "triton": "gpu"}
 
@@ -32,22 +33,6 @@ _ACCEL = {"mosaic_tpu": "tpu", "triton": "gpu"}
 def _available(backend: str) -> bool:
   platform = _ACCEL.get(backend)
   return platform is None or jax.default_backend() == platform
-
-
-def _time(fn, *args, repeats: int) -> float:
-  """Median seconds over repeats, after a compile+warmup call."""
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - first
-  if first > 2.0:  # Very slow baselines (xla on CPU): fewer repeats.
-    repeats = min(repeats, 2)
-  times = [first]
-  for _ in range(repeats - 1):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _group_sizes(m_live: int, num_groups: int, kind: str) -> np.ndarray:
@@ -80,7 +65,7 @@ def main() -> None:
                       choices=["float32", "bfloat16"])
   parser.add_argument("--backends", default=None,
                       help="comma list (default: all available but interpret*)")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=11)
   parser.add_argument("--quick", action="store_true",
                       help="2 repeats, G=8 and G=64 balanced + live=m/4 only")
   args = parser.parse_args()
@@ -112,7 +97,6 @@ def main() -> None:
             f" | {'x full':>6} |")
   print(header)
   print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-  full_times: dict[tuple, float] = {}
   rng = np.random.default_rng(0)
   for (m, k, n, groups, kind, live) in cases:
     lhs = jnp.asarray(rng.standard_normal((m, k)), dtype)
@@ -129,9 +113,21 @@ def main() -> None:
       # float32 accumulation (jax.vjp would run the backward in float32).
       return dense(x, w), _dot(dy, w, ((1,), (1,))), _dot(x, dy, ((0,), (0,)))
 
-    d_fwd = _time(jax.jit(dense), lhs[:live], rhs[0], repeats=repeats)
-    d_bwd = _time(jax.jit(dense_fwd_bwd), lhs[:live], rhs[0], dout[:live],
-                  repeats=repeats)
+    fns = {"dense": (jax.jit(dense), (lhs[:live], rhs[0])),
+           "dense_bwd": (jax.jit(dense_fwd_bwd),
+                         (lhs[:live], rhs[0], dout[:live]))}
+    for backend in backends:
+      def f(x, w, backend=backend):
+        return pk.gmm(x, w, sizes, backend=backend)
+      fns[backend] = (jax.jit(f), (lhs, rhs))
+      fns[backend + "_bwd"] = (_fwd_bwd(f), (lhs, rhs, dout))
+      if live != m:  # the full buffer again, in the same rounds
+        full = jnp.asarray(_group_sizes(m, groups, kind))
+        def f_full(x, w, backend=backend, full=full):
+          return pk.gmm(x, w, full, backend=backend)
+        fns[backend + "_full"] = (_fwd_bwd(f_full), (lhs, rhs, dout))
+    times = time_interleaved(fns, repeats)
+    d_fwd, d_bwd = times["dense"], times["dense_bwd"]
     name = f"m={m} k={k} n={n} G={groups} {kind}"
     if live != m:
       name += " live=m/4"
@@ -140,15 +136,9 @@ def main() -> None:
           f"{3 * flops / d_bwd / scale:8.1f} | {1.0:7.2f} | {'':>6} |",
           flush=True)
     for backend in backends:
-      def f(x, w, backend=backend):
-        return pk.gmm(x, w, sizes, backend=backend)
-      t_fwd = _time(jax.jit(f), lhs, rhs, repeats=repeats)
-      t_bwd = _time(_fwd_bwd(f), lhs, rhs, dout, repeats=repeats)
-      key = (m, k, n, groups, kind, backend)
-      if live == m:
-        full_times[key] = t_bwd
-      vs_full = (f"{t_bwd / full_times[key]:6.2f}" if live != m
-                 and key in full_times else "")
+      t_fwd, t_bwd = times[backend], times[backend + "_bwd"]
+      vs_full = (f"{t_bwd / times[backend + '_full']:6.2f}" if live != m
+                 else "")
       print(f"| {name:<34} | {backend:<10} | {t_fwd * 1e3:8.1f} | "
             f"{flops / t_fwd / scale:8.1f} | {t_fwd / d_fwd:7.2f} | "
             f"{t_bwd * 1e3:10.1f} | {3 * flops / t_bwd / scale:8.1f} | "

@@ -2,7 +2,8 @@
 
 Each row times jax.grad of sum(layer(x)) w.r.t. the layer's parameters and its
 input, and divides by the same for a dense SwiGLU FFN with the same active
-FLOPs per token (hidden = top_k * expert_hidden), measured in the same process.
+FLOPs per token (hidden = top_k * expert_hidden), measured in the same process
+(calls interleaved with the baseline's, see tools/timing.py).
 
   python tools/bench_moe_layer.py                    # the three reference shapes, f32 + bf16
   python tools/bench_moe_layer.py --quick            # smaller shapes, fewer repeats
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 
 def _devices_flag(argv: list[str]) -> int | None:
@@ -49,6 +48,7 @@ from moejax.layers import SwiGLU  # noqa: E402
 from moejax.moe import MoELayer  # noqa: E402
 from moejax.moe.dispatch.capacity import expert_capacity  # noqa: E402
 from moejax.parallel import mesh as mesh_lib  # noqa: E402
+from timing import time_interleaved  # noqa: E402  (tools/, the script's dir)
 
 SHAPES = [  # (T, D, F, E, k)
     (4096, 256, 512, 8, 2),
@@ -56,16 +56,6 @@ SHAPES = [  # (T, D, F, E, k)
     (8192, 512, 256, 64, 8),
 ]
 QUICK_SHAPES = [(1024, 128, 256, 8, 2), (1024, 128, 64, 64, 8)]
-
-
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _fwd_bwd(module, x):
@@ -79,15 +69,13 @@ def _fwd_bwd(module, x):
   return jax.jit(jax.grad(loss, argnums=(0, 1))), params
 
 
-def bench(shape, dispatch: str, dtype: str, capacity_factor: float, repeats: int):
+def layer_fwd_bwd(shape, dispatch: str, dtype: str, capacity_factor: float, x):
+  """Jitted grad of the MoE layer and its parameters."""
   t, d, f, e, k = shape
   moe = default_config().moe
   moe.num_experts, moe.top_k, moe.expert_hidden = e, k, f
   moe.dispatch, moe.capacity_factor = dispatch, capacity_factor
-  x = jax.random.normal(jax.random.key(1), (1, t, d), jnp.float32)
-  layer = MoELayer(ml_collections.FrozenConfigDict(moe), dtype)
-  g, p = _fwd_bwd(layer, x)
-  return _time(g, p, x, repeats=repeats)
+  return _fwd_bwd(MoELayer(ml_collections.FrozenConfigDict(moe), dtype), x)
 
 
 EP_SHAPES = [(8192, 256, 512, 8, 2), (8192, 256, 64, 64, 8)]  # (T, D, F, E, k), T in total
@@ -131,12 +119,8 @@ def bench_ep(args, shapes) -> None:
     x = jax.random.normal(jax.random.key(1), (n, t // n, d), jnp.float32)
     for dtype in args.dtype.split(","):
       for dispatch in args.dispatch.split(","):
-        moe = default_config().moe
-        moe.num_experts, moe.top_k, moe.expert_hidden = e, k, f
-        moe.dispatch, moe.capacity_factor = dispatch, args.capacity_factor
-        layer = MoELayer(ml_collections.FrozenConfigDict(moe), dtype)
-        g, p = _fwd_bwd(layer, x)
-        base = _time(g, p, x, repeats=repeats)
+        g, p = layer_fwd_bwd(shape, dispatch, dtype, args.capacity_factor, x)
+        base = time_interleaved({"1": (g, (p, x))}, repeats)["1"]
         for data, fsdp, expert in EP_MESHES:
           sizes = mesh_lib.resolve_axes({"data": data, "fsdp": fsdp, "expert": expert}, n,
                                         num_experts=e, batch_size=n)
@@ -145,7 +129,8 @@ def bench_ep(args, shapes) -> None:
           p_sh = mesh_lib.named(mesh_lib.param_specs(p, sizes), mesh)
           x_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec())
           with jax.set_mesh(mesh):  # the layer takes the expert-parallel path
-            ms = _time(g, jax.device_put(p, p_sh), jax.device_put(x, x_sh), repeats=repeats)
+            args_sh = (jax.device_put(p, p_sh), jax.device_put(x, x_sh))
+            ms = time_interleaved({"ep": (g, args_sh)}, repeats)["ep"]
           mb = ep_bytes_sent(shape, dispatch, dtype, args.capacity_factor, n, ep,
                              platform) / 2**20
           print(f"| {t} | {d} | {f} | {e} | {k} | {dtype} | ({sizes['data']},{sizes['fsdp']},"
@@ -158,7 +143,7 @@ def main() -> None:
   ap.add_argument("--dispatch", default="dropless,capacity")
   ap.add_argument("--dtype", default="float32,bfloat16")
   ap.add_argument("--capacity_factor", type=float, default=1.25)
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=9)
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--devices", type=int, default=None,
                   help="benchmark expert parallelism on this many devices")
@@ -177,10 +162,17 @@ def main() -> None:
     t, d, f, e, k = shape
     for dtype in args.dtype.split(","):
       x = jax.random.normal(jax.random.key(1), (1, t, d), jnp.float32)
-      g, p = _fwd_bwd(SwiGLU(k * f, dtype), x)
-      base = _time(g, p, x, repeats=repeats)
+      dense = _fwd_bwd(SwiGLU(k * f, dtype), x)
       for dispatch in args.dispatch.split(","):
-        ms = bench(shape, dispatch, dtype, args.capacity_factor, repeats)
+        # Each dispatch in its own rounds with the baseline: a slow one
+        # (capacity: seconds per call, GBs of one-hot buffers) in the same
+        # rounds leaves the next calls of the others slower.
+        fns = {"dense": dense,
+               dispatch: layer_fwd_bwd(shape, dispatch, dtype,
+                                       args.capacity_factor, x)}
+        times = time_interleaved({name: (g, (p, x)) for name, (g, p)
+                                  in fns.items()}, repeats)
+        ms, base = times[dispatch], times["dense"]
         print(f"| {t} | {d} | {f} | {e} | {k} | {dtype} | {dispatch} | {ms * 1e3:.1f} "
               f"| {base * 1e3:.1f} | {ms / base:.2f}x |", flush=True)
 

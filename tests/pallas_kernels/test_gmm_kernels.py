@@ -298,3 +298,33 @@ def test_preferred_element_type(backend):
   assert out.dtype == jnp.float32
   _close(out, reference.gmm(_as_f64(lhs), _as_f64(rhs), sizes), jnp.float32,
          scale=10)  # bf16 operands, float32 accumulation and output.
+
+
+def test_cpu_chunk_classes():
+  """1x and 1.5x powers of two times tm, capped at m and at 512/1024 rows."""
+  from pallas_kernels import cpu
+  assert cpu._chunk_classes(37, (4, 0, 0), jnp.float32) == [4, 8, 12, 16, 24,
+                                                            32]
+  assert cpu._chunk_classes(5000, None, jnp.float32) == [
+      16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+  assert cpu._chunk_classes(5000, None, jnp.bfloat16)[-2:] == [768, 1024]
+  assert cpu._chunk_classes(3, None, jnp.float32) == [16]  # rows padded to 16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_groups_longer_than_several_top_chunks(dtype):
+  """Groups of 2-3 full top chunks plus a head, where m >> the top chunk.
+
+  The shared tests' m is below one top chunk; this covers the accumulating
+  top-chunk loop of the cpu backend (512 rows float32, 1024 bfloat16).
+  """
+  rng = np.random.default_rng(10)
+  m, k, n = 3400, 8, 6
+  sizes = np.array([1, 2500, 0, 3, 700], np.int32)  # sum 3204 < m
+  lhs, rhs = _rand(rng, (m, k), dtype), _rand(rng, (5, k, n), dtype)
+  dy = _rand(rng, (m, n), dtype)
+  out = pk.gmm(lhs, rhs, jnp.asarray(sizes), backend="cpu")
+  _close(out, reference.gmm(_as_f64(lhs), _as_f64(rhs), sizes), dtype)
+  out_t = pk.tgmm(lhs.T, dy, jnp.asarray(sizes), backend="cpu")
+  _close(out_t, reference.tgmm(_as_f64(lhs.T), _as_f64(dy), sizes), dtype,
+         scale=4)  # depth-2500 sums
