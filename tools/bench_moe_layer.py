@@ -8,6 +8,9 @@ FLOPs per token (hidden = top_k * expert_hidden), measured in the same process
   python tools/bench_moe_layer.py                    # the three reference shapes, f32 + bf16
   python tools/bench_moe_layer.py --quick            # smaller shapes, fewer repeats
   python tools/bench_moe_layer.py --dispatch dropless,capacity --dtype bfloat16
+  python tools/bench_moe_layer.py --dispatch dropless --shapes 2  # E=64 only (a
+                                                     # fresh process per shape
+                                                     # gives steadier numbers)
   python tools/bench_moe_layer.py --devices 8        # expert parallelism (8 fake CPU
                                                      # devices on CPU; real ones elsewhere)
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 
@@ -145,6 +149,10 @@ def main() -> None:
   ap.add_argument("--capacity_factor", type=float, default=1.25)
   ap.add_argument("--repeats", type=int, default=9)
   ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--shapes", default=None,
+                  help="comma list of indices into the shape list (default: all, "
+                  "each in a fresh process)")
+  ap.add_argument("--rows_only", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--devices", type=int, default=None,
                   help="benchmark expert parallelism on this many devices")
   args = ap.parse_args()
@@ -154,10 +162,24 @@ def main() -> None:
     bench_ep(args, [(s[0] // 4,) + s[1:] for s in EP_SHAPES] if args.quick else EP_SHAPES)
     return
   shapes = QUICK_SHAPES if args.quick else SHAPES
+  if args.shapes is not None:
+    picked = [int(i) for i in args.shapes.split(",")]
+    if any(not 0 <= i < len(shapes) for i in picked):
+      raise SystemExit(f"--shapes={args.shapes}: indices must be in [0, {len(shapes)})")
+    shapes = [shapes[i] for i in picked]
   repeats = 2 if args.quick else args.repeats
-  print(f"platform={jax.default_backend()} devices={jax.devices()}")
-  print("| T | D | F | E | k | dtype | dispatch | fwd+bwd ms | dense FFN ms | ratio |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  if not args.rows_only:
+    print(f"platform={jax.default_backend()} devices={jax.devices()}")
+    print("| T | D | F | E | k | dtype | dispatch | fwd+bwd ms | dense FFN ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+  if args.shapes is None and len(shapes) > 1:
+    # One process per shape: a process that has run the large shapes runs
+    # the next ones measurably slower (the MoE layer more than the dense
+    # FFN; E=64 float32 1.5x fresh, 1.8-2.0x after the others).
+    for i in range(len(shapes)):
+      subprocess.run([sys.executable, __file__, *sys.argv[1:], "--shapes", str(i),
+                      "--rows_only"], check=True)
+    return
   for shape in shapes:
     t, d, f, e, k = shape
     for dtype in args.dtype.split(","):

@@ -301,14 +301,13 @@ def test_preferred_element_type(backend):
 
 
 def test_cpu_chunk_classes():
-  """1x and 1.5x powers of two times tm, capped at m and at 512/1024 rows."""
+  """1x and 1.5x powers of two times tm, capped at m and at 1024 rows."""
   from pallas_kernels import cpu
-  assert cpu._chunk_classes(37, (4, 0, 0), jnp.float32) == [4, 8, 12, 16, 24,
-                                                            32]
-  assert cpu._chunk_classes(5000, None, jnp.float32) == [
-      16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-  assert cpu._chunk_classes(5000, None, jnp.bfloat16)[-2:] == [768, 1024]
-  assert cpu._chunk_classes(3, None, jnp.float32) == [16]  # rows padded to 16
+  assert cpu._chunk_classes(37, (4, 0, 0)) == [4, 8, 12, 16, 24, 32]
+  assert cpu._chunk_classes(5000, None) == [
+      16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+  assert cpu._chunk_classes(700, None)[-2:] == [384, 512]
+  assert cpu._chunk_classes(3, None) == [16]  # rows are padded to 16
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -316,7 +315,7 @@ def test_cpu_groups_longer_than_several_top_chunks(dtype):
   """Groups of 2-3 full top chunks plus a head, where m >> the top chunk.
 
   The shared tests' m is below one top chunk; this covers the accumulating
-  top-chunk loop of the cpu backend (512 rows float32, 1024 bfloat16).
+  top-chunk loop of the cpu backend (1024 rows).
   """
   rng = np.random.default_rng(10)
   m, k, n = 3400, 8, 6
