@@ -22,7 +22,8 @@ carries are updated in place (no conditional copies of the output).
 
 `tiling=(tm, _, _)`: tm is the smallest row chunk (default 16); `top` is the
 largest class not above 1024 rows and not above m (512 measured ~5% slower
-for the backward products at m=65536, G=64). The k and n entries are ignored: XLA's dot tiles those.
+for the backward products at m=65536, G=64). The k and n entries are
+ignored: XLA's dot tiles those.
 """
 
 from __future__ import annotations
