@@ -55,9 +55,10 @@ def _for_each_chunk(start: jax.Array, end: jax.Array, classes: list[int],
                     m_rows: int, head_body, top_body, carry):
   """Runs the head chunk, then the full top chunks, of the rows [start, end).
 
-  head_body(c_rows, row0, lo, hi, carry): a chunk of c_rows rows sliced at
-  row0 (clamped so it fits in m_rows) of which only rows [lo, hi) are the
-  group's; the others must be ignored. Runs once for a non-empty group.
+  head_body(c_rows, row0, keep_C, carry): a chunk of c_rows rows sliced at
+  row0 (clamped so it fits in m_rows) of which only the rows with keep_C
+  are the group's; the others must be ignored. Runs once for a non-empty
+  group.
   top_body(row0, carry): exactly the top-class rows [row0, row0 + top), all
   the group's.
   """
@@ -73,7 +74,9 @@ def _for_each_chunk(start: jax.Array, end: jax.Array, classes: list[int],
       # otherwise XLA hoists the loop-invariant dot out of this 0/1-trip loop
       # and computes it even when the loop does not run.
       r = start + i
-      return head_body(c_rows, jnp.minimum(r, m_rows - c_rows), r, r + head, c)
+      row0 = jnp.minimum(r, m_rows - c_rows)
+      rows = row0 + lax.iota(jnp.int32, c_rows)
+      return head_body(c_rows, row0, (rows >= r) & (rows < r + head), c)
 
     carry = lax.fori_loop(0, run, one, carry)
     lo_rows = c_rows
@@ -137,9 +140,7 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
       return lax.dot_general(x, w, (contract, ((), ())),
                              preferred_element_type=jnp.float32)
 
-    def head(c_rows, row0, lo, hi, out):
-      rows = row0 + lax.iota(jnp.int32, c_rows)
-      keep = (rows >= lo) & (rows < hi)
+    def head(c_rows, row0, keep, out):
       old = lax.dynamic_slice_in_dim(out, row0, c_rows, 0)
       new = jnp.where(keep[:, None], product(c_rows, row0), old)
       return lax.dynamic_update_slice_in_dim(out, new, row0, 0)
@@ -183,11 +184,9 @@ def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,
     # The head chunk writes group j's slot without reading it; the top chunks
     # accumulate into it in place (a separate accumulator costs an extra
     # [k, n] pass per chunk).
-    def head(c_rows, row0, lo, hi, out):
-      rows = row0 + lax.iota(jnp.int32, c_rows)
-      keep = ((rows >= lo) & (rows < hi))[:, None]
+    def head(c_rows, row0, keep, out):
       return lax.dynamic_update_index_in_dim(
-          out, product(c_rows, row0, keep), j, 0)
+          out, product(c_rows, row0, keep[:, None]), j, 0)
 
     def top(row0, out):
       prev = lax.dynamic_index_in_dim(out, j, 0, keepdims=False)

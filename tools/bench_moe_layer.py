@@ -184,16 +184,14 @@ def main() -> None:
     t, d, f, e, k = shape
     for dtype in args.dtype.split(","):
       x = jax.random.normal(jax.random.key(1), (1, t, d), jnp.float32)
-      dense = _fwd_bwd(SwiGLU(k * f, dtype), x)
+      g_dense, p_dense = _fwd_bwd(SwiGLU(k * f, dtype), x)
       for dispatch in args.dispatch.split(","):
         # Each dispatch in its own rounds with the baseline: a slow one
         # (capacity: seconds per call, GBs of one-hot buffers) in the same
         # rounds leaves the next calls of the others slower.
-        fns = {"dense": dense,
-               dispatch: layer_fwd_bwd(shape, dispatch, dtype,
-                                       args.capacity_factor, x)}
-        times = time_interleaved({name: (g, (p, x)) for name, (g, p)
-                                  in fns.items()}, repeats)
+        g, p = layer_fwd_bwd(shape, dispatch, dtype, args.capacity_factor, x)
+        times = time_interleaved({"dense": (g_dense, (p_dense, x)),
+                                  dispatch: (g, (p, x))}, repeats)
         ms, base = times[dispatch], times["dense"]
         print(f"| {t} | {d} | {f} | {e} | {k} | {dtype} | {dispatch} | {ms * 1e3:.1f} "
               f"| {base * 1e3:.1f} | {ms / base:.2f}x |", flush=True)
