@@ -15,6 +15,11 @@ buffer); only the head can overhang its rows and is masked on write (gmm) or
 on read (tgmm). The head comes first so that tgmm can write its output slice
 without reading it; the full `top` chunks that follow need no mask.
 
+tgmm with many small groups (and weights of at least 2M elements) first
+puts each group's first c rows through one batched dot, c picked per call by
+a cost model (see "tgmm's batched split" below); the chunk loop then only
+adds the rows past c.
+
 Loops are `fori_loop`s with data-dependent trip counts (the per-class loops
 run 0 or 1 times), so the cost follows the live rows: empty groups and rows
 past sum(group_sizes) cost nothing but the zero-filled output. The while-loop
@@ -87,7 +92,7 @@ def _for_each_chunk(start: jax.Array, end: jax.Array, classes: list[int],
 
 def _for_each_nonempty_group(starts_G: jax.Array, ends_G: jax.Array, body,
                              carry):
-  """fori_loop of body(j, carry) over the groups that own rows only.
+  """fori_loop of body(j, start, end, carry) over the groups that own rows.
 
   Empty groups cost nothing (not even slicing their weights), so the cost
   follows the live rows and groups.
@@ -96,7 +101,11 @@ def _for_each_nonempty_group(starts_G: jax.Array, ends_G: jax.Array, body,
   order = jnp.nonzero(nonempty, size=nonempty.shape[0], fill_value=0)[0]
   order = order.astype(jnp.int32)
   count = jnp.sum(nonempty).astype(jnp.int32)
-  return lax.fori_loop(0, count, lambda i, c: body(order[i], c), carry)
+  def step(i, c):
+    j = order[i]
+    return body(j, starts_G[j], ends_G[j], c)
+
+  return lax.fori_loop(0, count, step, carry)
 
 
 def _group_weights(rhs_GxAxB: jax.Array, j: jax.Array) -> jax.Array:
@@ -118,6 +127,73 @@ def _prepare_rows(x: jax.Array, classes: list[int]) -> jax.Array:
   return _common.pad_axis(x, 0, max(x.shape[0], classes[0]))
 
 
+# tgmm's batched split: when groups are small, their first c rows go through
+# one batched dot ([G, c, k] x [G, c, n] gathered rows, masked) that writes
+# the whole [G, k, n] output once, and only rows past c through the chunk
+# loop, which accumulates onto it. The loop pays per group whatever its
+# size: a copy of the group's [k, n] product into the output (XLA:CPU cannot
+# write a dot into a dynamic slice) plus the output's zero-fill. Padded and
+# small-M batched rows cost more than loop rows, so `_pick_split` weighs the
+# two with a cost model in units of one loop row: a group in the loop costs
+# OVH + its rows, a batched row BETA (padding included); both scale with
+# k n, so to first order they do not depend on the shape. Fitted on the
+# 2-core dev box (m=8192, k=512, n=1024, G=64, float32, every split forced):
+# OVH 120, BETA 2.2; groups of 32 rows split (tgmm 20.5 -> 11.8 ms), groups
+# of 128 do not. gmm gains nothing from the same split (its per-group weight
+# copy is cheap next to the batched dot's gather and scatter; with
+# transpose_rhs the batched dot is 1.7x slower than the loop), so it stays
+# on the loop. Weights under _SPLIT_MIN_WEIGHTS elements never split and do
+# not compile the batched branches.
+_SPLIT_OVH, _SPLIT_BETA = 120.0, 2.2
+_SPLIT_MAX_ROWS = 256
+_SPLIT_MIN_WEIGHTS = 1 << 21
+
+
+def _split_rows(m_rows: int, tiling, num_groups: int, k: int, n: int,
+                min_weights: int) -> list[int]:
+  """Candidate c (tm * 2**i, <= min(m_rows, 256)) for tgmm's batched split."""
+  if num_groups < 2 or num_groups * k * n < min_weights:
+    return []
+  tm = 16 if tiling is None else int(tiling[0])
+  out, c = [], tm
+  while c <= min(m_rows, _SPLIT_MAX_ROWS):
+    out.append(c)
+    c *= 2
+  return out
+
+
+def _pick_split(sizes_G: jax.Array, cands: list[int]) -> jax.Array:
+  """Index into [0] + cands of the cheapest split under the cost model."""
+  ovh, beta = _SPLIT_OVH, _SPLIT_BETA
+  s = sizes_G.astype(jnp.float32)
+
+  def loop_cost(c):
+    rest = jnp.maximum(s - c, 0)
+    return jnp.sum(jnp.where(rest > 0, ovh + rest, 0))
+
+  g = sizes_G.shape[0]
+  costs = [loop_cost(0)] + [beta * g * c + loop_cost(c) for c in cands]
+  return jnp.argmin(jnp.stack(costs)).astype(jnp.int32)
+
+
+def _first_rows(starts_G: jax.Array, ends_G: jax.Array, c: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """[G, c] row index of each group's first c rows (0 where past its end)."""
+  rows = starts_G[:, None] + lax.iota(jnp.int32, c)[None, :]
+  keep = rows < ends_G[:, None]
+  return jnp.where(keep, rows, 0), keep
+
+
+def _with_split(cands: list[int], split: int | None, sizes_G, run):
+  """run(c) for the split the cost model (or `split`, if given) picks."""
+  if split is not None:
+    return run(split)
+  if not cands:
+    return run(0)
+  idx = _pick_split(sizes_G, cands)
+  return lax.switch(idx, [lambda c=c: run(c) for c in [0] + cands])
+
+
 def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
         group_offset: jax.Array, *, out_dtype, transpose_rhs: bool,
         tiling) -> jax.Array:
@@ -132,7 +208,7 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
   starts, ends = _common.local_bounds(group_sizes, group_offset, num_local)
   contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
 
-  def group_body(j, out_MxN):
+  def group_body(j, start, end, out_MxN):
     w = _group_weights(rhs, j)
 
     def product(c_rows, row0):
@@ -149,8 +225,7 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
       return lax.dynamic_update_slice_in_dim(out, product(classes[-1], row0),
                                              row0, 0)
 
-    return _for_each_chunk(starts[j], ends[j], classes, m_rows, head, top,
-                           out_MxN)
+    return _for_each_chunk(start, end, classes, m_rows, head, top, out_MxN)
 
   # The carry stays float32: XLA:CPU has no bfloat16 dynamic-update-slice and
   # would convert (and copy) the whole buffer around every chunk.
@@ -161,7 +236,9 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
 
 def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,
          group_offset: jax.Array, *, num_actual_groups: int, out_dtype,
-         tiling) -> jax.Array:
+         tiling, split: int | None = None,
+         split_min_weights: int = _SPLIT_MIN_WEIGHTS) -> jax.Array:
+  """`split`: force the batched split's c (0: loop only); tests use it."""
   m, k = x_MxK.shape
   n = dy_MxN.shape[1]
   cdt = _common.compute_dtype(x_MxK.dtype, dy_MxN.dtype)
@@ -180,22 +257,40 @@ def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,
     return lax.dot_general(xs, ys, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32)
 
-  def group_body(j, out_GxKxN):
-    # The head chunk writes group j's slot without reading it; the top chunks
-    # accumulate into it in place (a separate accumulator costs an extra
-    # [k, n] pass per chunk).
-    def head(c_rows, row0, keep, out):
-      return lax.dynamic_update_index_in_dim(
-          out, product(c_rows, row0, keep[:, None]), j, 0)
+  def accumulate(j, out, update):
+    prev = lax.dynamic_index_in_dim(out, j, 0, keepdims=False)
+    return lax.dynamic_update_index_in_dim(out, prev + update, j, 0)
 
-    def top(row0, out):
-      prev = lax.dynamic_index_in_dim(out, j, 0, keepdims=False)
-      return lax.dynamic_update_index_in_dim(
-          out, prev + product(classes[-1], row0), j, 0)
+  def loop(first_G, out_GxKxN, after_split: bool):
+    def group_body(j, start, end, out):
+      # Without a split the head chunk writes group j's slot without reading
+      # it; the top chunks accumulate into it in place (a separate
+      # accumulator costs an extra [k, n] pass per chunk).
+      def head(c_rows, row0, keep, out):
+        p = product(c_rows, row0, keep[:, None])
+        if after_split:
+          return accumulate(j, out, p)
+        return lax.dynamic_update_index_in_dim(out, p, j, 0)
 
-    return _for_each_chunk(starts[j], ends[j], classes, m_rows, head, top,
-                           out_GxKxN)
+      def top(row0, out):
+        return accumulate(j, out, product(classes[-1], row0))
 
-  out = jnp.zeros((num_actual_groups, k, n), jnp.float32)
-  return _for_each_nonempty_group(starts, ends, group_body,
-                                  out).astype(out_dtype)
+      return _for_each_chunk(start, end, classes, m_rows, head, top, out)
+    return _for_each_nonempty_group(first_G, ends, group_body, out_GxKxN)
+
+  def run(c):
+    if not c:
+      out = jnp.zeros((num_actual_groups, k, n), jnp.float32)
+      return loop(starts, out, after_split=False)
+    rows_GxC, keep_GxCx1 = _first_rows(starts, ends, c)
+    keep_GxCx1 = keep_GxCx1[..., None]  # both masked: see product()
+    xs = jnp.where(keep_GxCx1, jnp.take(x, rows_GxC, axis=0), 0)
+    ys = jnp.where(keep_GxCx1, jnp.take(dy, rows_GxC, axis=0), 0)
+    out = lax.dot_general(xs, ys, (((1,), (1,)), ((0,), (0,))),
+                          preferred_element_type=jnp.float32)
+    return loop(jnp.minimum(starts + c, ends), out, after_split=True)
+
+  cands = _split_rows(m_rows, tiling, num_actual_groups, k, n,
+                      split_min_weights)
+  out = _with_split(cands, split, ends - starts, run)
+  return out.astype(out_dtype)

@@ -327,3 +327,59 @@ def test_cpu_groups_longer_than_several_top_chunks(dtype):
   out_t = pk.tgmm(lhs.T, dy, jnp.asarray(sizes), backend="cpu")
   _close(out_t, reference.tgmm(_as_f64(lhs.T), _as_f64(dy), sizes), dtype,
          scale=4)  # depth-2500 sums
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_tgmm_split_fn(split: int | None, num_actual_groups: int):
+  """cpu tgmm with its batched split forced (or chosen, split=None) at tm=4."""
+  from pallas_kernels import cpu
+
+  @jax.jit
+  def f(x_MxK, dy, group_sizes, group_offset):
+    return cpu.tgmm(x_MxK, dy, group_sizes, group_offset,
+                    num_actual_groups=num_actual_groups,
+                    out_dtype=jnp.float32, tiling=(4, 0, 0), split=split,
+                    split_min_weights=0)
+  return f
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["f32", "bf16"])
+@pytest.mark.parametrize("split", [0, 4, 8, 16, None])
+@settings(max_examples=8, derandomize=True, deadline=None, database=None)
+@given(data=st.data())
+def test_cpu_tgmm_batched_split(split, dtype, data):
+  """The first `split` rows of each group in one batched dot, the rest looped.
+
+  Groups shorter and longer than the split, empty groups, rows past the
+  live end, and a group block at an offset; None = the cost model's pick
+  among all splits (the lax.switch the large-weight case compiles).
+  """
+  sizes = data.draw(_group_sizes(_G, _M))
+  offset = data.draw(st.integers(0, 2))
+  rng = np.random.default_rng(int(sizes.sum()) + offset)
+  x, dy = _rand(rng, (_M, _K), dtype), _rand(rng, (_M, _N), dtype)
+  num_local = _G - offset
+  out = _cpu_tgmm_split_fn(split, num_local)(x, dy, jnp.asarray(sizes),
+                                             jnp.int32(offset))
+  _close(out, reference.tgmm(_as_f64(x.T), _as_f64(dy), sizes,
+                             group_offset=offset, num_actual_groups=num_local),
+         dtype, scale=4)
+
+
+def test_cpu_tgmm_split_choice():
+  """Small groups split at their size, large ones stay on the loop; small
+  weights never compile the split."""
+  from pallas_kernels import cpu
+  cands = cpu._split_rows(8192, None, 64, 512, 1024, cpu._SPLIT_MIN_WEIGHTS)
+  assert cands == [16, 32, 64, 128, 256]
+  assert cpu._split_rows(8192, None, 8, 64, 64, cpu._SPLIT_MIN_WEIGHTS) == []
+  assert cpu._split_rows(37, (4, 0, 0), 5, 19, 23, 0) == [4, 8, 16, 32]
+
+  def pick(sizes):
+    idx = int(cpu._pick_split(jnp.asarray(sizes, jnp.int32), cands))
+    return ([0] + cands)[idx]
+
+  assert pick([32] * 64) == 32
+  assert pick([128] * 64) == 0
+  assert pick([1024] * 8 + [0] * 56) == 0
