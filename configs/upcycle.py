@@ -18,7 +18,7 @@ Commands (2 cores; the doc's numbers came from docs/results/upcycling.md):
   # copies of the whole FFN (E=8 experts of width 512, k=2: twice the dense FFN compute)
   python tools/upcycle.py --from runs/upcycling/dense --config configs/upcycle.py:copy \
       --out runs/upcycling/upcycled_copy
-  # attention experts too: `split` FFN experts + 4 attention experts (top-1, shared
+  # attention experts too: `split` FFN experts + 4 attention experts (top-2, shared
   # K/V), each a copy of the dense layer's attention (init.upcycle_attention)
   python tools/upcycle.py --from runs/upcycling/dense --config configs/upcycle.py:copy_attn \
       --out runs/upcycling/upcycled_attn
@@ -86,7 +86,7 @@ def get_config(variant: str = "split"):
     c.init.upcycle = "split"
     c.init.router = "zero"
     c.model.attn_experts = 4
-    c.model.attn_top_k = 1
+    c.model.attn_top_k = 2  # 2 copies with weights summing to 1: still the dense output
     c.model.attn_shared_kv = True
     c.init.upcycle_attention = True
   elif variant == "copy":  # experts are whole copies of the dense FFN

@@ -51,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   # Mixture of attention experts (MoA; moejax/model/attention.py): 0 = plain attention.
   c.model.attn_experts = 0  # E_a attention experts in every layer
-  c.model.attn_top_k = 1  # experts per token, weights renormalised to sum to 1
+  c.model.attn_top_k = 2  # experts per token
+  c.model.attn_renormalize = True  # the k weights sum to 1 (False: softmax probabilities)
   c.model.attn_shared_kv = True  # one K/V projection for all experts (they own Q, O)
   c.model.attn_aux_loss_weight = 0.01  # switch balancing loss of the attention routers
   c.model.attn_z_loss_weight = 1e-3  # router z-loss of the attention routers
@@ -93,7 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.adapters.experts_per_layer = ""  # allocation=custom: "2,4,6,8"
   c.moe.adapters.rank = 4
   c.moe.adapters.alpha = 8.0  # LoRA scale alpha / rank
-  c.moe.adapters.top_k = 1
+  c.moe.adapters.top_k = 2
+  c.moe.adapters.renormalize = True  # the k weights sum to 1 (False: softmax probabilities)
   c.moe.adapters.targets = "ffn"  # "ffn", "attn" or "ffn,attn"
   c.moe.adapters.aux_loss_weight = 0.01
   c.moe.adapters.z_loss_weight = 1e-3
@@ -237,6 +239,21 @@ def _check_parallel(cfg) -> None:
     _fail("data.shards", shards, f"must divide train.batch_size={cfg.train.batch_size}")
 
 
+def _refuse_constant_gate(k_key: str, k: int, gate_key: str, gate: Any, num_experts: int,
+                          fix: str | None = None) -> None:
+  """Top-1 of several experts with a normalised gate: refused.
+
+  A single normalised weight is always 1, so the router would get no gradient
+  from the LM loss and learn only from its balancing losses (Switch keeps the
+  chosen expert's softmax probability as the gate instead). `gate` is the
+  normalising setting's value (True/'topk_softmax'); falsy = not normalised.
+  """
+  if k == 1 and gate and num_experts > 1:
+    fix = fix or f"use {k_key} >= 2 or {gate_key}=False (the softmax probability as gate)"
+    _fail(gate_key, gate, f"with {k_key}=1 of {num_experts} experts the gate would be "
+          f"constantly 1 and the router would learn only from the balancing losses; {fix}")
+
+
 def _check_attention_experts(cfg) -> None:
   """model.attn_* (mixture of attention experts) and init.upcycle_attention."""
   m, init = cfg.model, cfg.get("init")
@@ -249,6 +266,8 @@ def _check_attention_experts(cfg) -> None:
       _fail("model.attn_top_k", k, f"must be an integer in [1, model.attn_experts={e}]")
     for key in ("model.attn_aux_loss_weight", "model.attn_z_loss_weight"):
       _positive(cfg, key, allow_zero=True)
+    _refuse_constant_gate("model.attn_top_k", k, "model.attn_renormalize",
+                          m.get("attn_renormalize", True), e)
   up = init is not None and init.get("upcycle_attention", False)
   if up and not init.from_dense:
     _fail("init.upcycle_attention", up, "needs init.from_dense (the dense run whose "
@@ -331,9 +350,11 @@ def _check_init_and_adapters(cfg) -> None:
       _positive(cfg, key, allow_zero=True)
     try:
       ad.parse_targets(a.targets)
-      ad.allocate_experts(a, cfg.model.num_layers)
+      per_layer = ad.allocate_experts(a, cfg.model.num_layers)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    _refuse_constant_gate("moe.adapters.top_k", a.top_k, "moe.adapters.renormalize",
+                          a.get("renormalize", True), max(per_layer))
   sources = [k for k in ("from_dense", "grow_from") if init is not None and init[k]]
   if sources or (a is not None and a.enabled):
     from moejax.init.sources import check_sources  # noqa: PLC0415 (reads run dirs)
@@ -394,15 +415,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
   # Router options under moe.<router>; cross-key rules only for the chosen router.
   e, k = moe.num_experts, moe.top_k
-  if moe.router == "topk" and k == 1 and (moe.topk.renormalize
-                                          or moe.topk.order == "topk_softmax"):
-    # A normalised single weight is always 1: the router would get no gradient
-    # from the LM loss (Switch keeps the raw softmax probability as the gate).
-    key, val = (("moe.topk.renormalize", True) if moe.topk.order == "softmax_topk"
-                else ("moe.topk.order", "topk_softmax"))
-    _fail(key, val, "with moe.top_k=1 the gate would be constantly 1 and the router would "
-          "learn only from the balancing losses; use moe.topk.order='softmax_topk' with "
-          "moe.topk.renormalize=False (Switch)")
+  if moe.router == "topk" and moe.topk.order == "topk_softmax":
+    _refuse_constant_gate("moe.top_k", k, "moe.topk.order", "topk_softmax", e,
+                          "use moe.topk.order='softmax_topk' with moe.topk.renormalize=False "
+                          "(Switch)")
+  elif moe.router == "topk":
+    _refuse_constant_gate("moe.top_k", k, "moe.topk.renormalize", moe.topk.renormalize, e,
+                          "use moe.topk.renormalize=False (Switch)")
   _choice(moe.topk.noise, "moe.topk.noise", TOPK_NOISES)
   for key in ("moe.topk.importance_weight", "moe.topk.load_weight",
               "moe.top_p.entropy_weight"):

@@ -4,7 +4,8 @@
 attention experts (MoA, `model.attn_experts` > 0): E_a attention experts with
 their own query and output projections and either one key/value projection
 shared by all experts (`model.attn_shared_kv`) or their own, mixed per token
-by renormalised top-k router weights. Every expert is computed for every
+by top-k router weights (summing to 1 unless `model.attn_renormalize=False`;
+top-1 of several experts needs the latter, see `moejax.config`). Every expert is computed for every
 token (dense compute, exact and simple for small E_a); tokens only *use*
 the k selected ones (params_active vs flops_per_token in counting.py).
 """
@@ -69,14 +70,18 @@ def attend(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
   return dot("bhlm,bmhk->blhk", p, v_BxLxHxK, dt)
 
 
-def attention_route(logits_TxE: jax.Array, k: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Renormalised softmax top-k over attention experts: (combine [T, E], losses).
+def attention_route(logits_TxE: jax.Array, k: int, renormalize: bool = True
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Softmax top-k over attention experts: (combine [T, E], losses).
+
+  renormalize: the k weights sum to 1 (what upcycled copies of one attention
+  need to reproduce it); else they are the softmax probabilities.
 
   losses = {"attn_load_balance": switch balance (1 when balanced),
   "attn_z_loss": router z-loss}, unweighted, float32.
   """
   t, e = logits_TxE.shape
-  assignment, probs_TxE = topk_route(logits_TxE, k, "softmax_topk", renormalize=True)
+  assignment, probs_TxE = topk_route(logits_TxE, k, "softmax_topk", renormalize=renormalize)
   losses = {"attn_load_balance": switch_load_balance(probs_TxE, assignment.expert_counts(e)),
             "attn_z_loss": router_z_loss(logits_TxE)}
   return assignment.combine_matrix(t, e), losses
@@ -100,6 +105,7 @@ class AttentionExperts(nn.Module):
   rope_theta: float = 10_000.0
   dtype: str = "float32"
   out_scale: float = 1.0
+  renormalize: bool = True
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -127,7 +133,7 @@ class AttentionExperts(nn.Module):
                kv_BxLxEx2xHxK[:, :, :, 1].reshape(b, l, e * h, k), self.rope_theta, dt)
     x_TxD = x_BxLxD.reshape(b * l, d).astype(jnp.float32)
     logits_TxE = jnp.dot(x_TxD, w_DxE, precision="highest")
-    combine_TxE, losses = attention_route(logits_TxE, self.top_k)
+    combine_TxE, losses = attention_route(logits_TxE, self.top_k, self.renormalize)
     o_TxExHxK = o.reshape(b * l, e, h, k) * combine_TxE[:, :, None, None]
     y_TxD = linear(o_TxExHxK.reshape(b * l, e * h * k), w_out.reshape(e * h * k, d), dt)
     return y_TxD.reshape(b, l, d), losses

@@ -52,7 +52,8 @@ class Block(nn.Module):
     a_in = RMSNorm(name="attn_norm")(x_BxLxD)
     if m.get("attn_experts", 0):  # mixture of attention experts (MoA)
       h, losses = AttentionExperts(m.num_heads, m.attn_experts, m.attn_top_k, m.attn_shared_kv,
-                                   m.rope_theta, m.dtype, out_scale, name="attn")(a_in)
+                                   m.rope_theta, m.dtype, out_scale,
+                                   m.get("attn_renormalize", True), name="attn")(a_in)
       attn_losses = {k: attn_losses[k] + v for k, v in losses.items()}
     else:
       h = CausalAttention(m.num_heads, m.rope_theta, m.dtype, out_scale, name="attn")(a_in)

@@ -147,15 +147,16 @@ def trainable_param_count(cfg: ml_collections.ConfigDict) -> int:
   return per_layer * len(parse_targets(a.targets))
 
 
-def adapter_route(logits_TxE: jax.Array, valid_E: jax.Array, k: int):
-  """Top-k (softmax, then top-k, renormalised) over the valid experts.
+def adapter_route(logits_TxE: jax.Array, valid_E: jax.Array, k: int,
+                  renormalize: bool = True):
+  """Top-k (softmax, then top-k, renormalised or not) over the valid experts.
 
   Returns (combine [T, E], counts [E], probs [T, E], masked logits [T, E]).
   Invalid experts get zero probability, combine weight and count; a layer
   with no valid expert gets zero combine weights and counts everywhere.
   """
   logits_TxE = jnp.where(valid_E[None, :], logits_TxE.astype(jnp.float32), MASKED_LOGIT)
-  assignment, probs_TxE = topk_route(logits_TxE, k, "softmax_topk", renormalize=True)
+  assignment, probs_TxE = topk_route(logits_TxE, k, "softmax_topk", renormalize=renormalize)
   t, e = logits_TxE.shape
   valid_f = valid_E.astype(jnp.float32)
   combine_TxE = assignment.combine_matrix(t, e) * valid_f[None, :]
@@ -182,6 +183,7 @@ class AdapterExperts(nn.Module):
   top_k: int
   alpha: float
   aux_weights: tuple[float, float] = (0.0, 0.0)  # (balance, z-loss)
+  renormalize: bool = True
 
   @nn.compact
   def __call__(self, z_BxLxD: jax.Array) -> jax.Array:
@@ -194,7 +196,7 @@ class AdapterExperts(nn.Module):
     z_TxD = z_BxLxD.reshape(b * l, d).astype(jnp.float32)
     logits_TxE = jnp.dot(z_TxD, w_DxE, precision="highest")
     combine_TxE, counts_E, probs_TxE, logits_TxE = adapter_route(
-        logits_TxE, valid_E, min(self.top_k, e))
+        logits_TxE, valid_E, min(self.top_k, e), self.renormalize)
     h_TxExR = jnp.einsum("td,edr->ter", z_TxD, a_ExDxR)
     y_TxD = jnp.einsum("ter,erd->td", h_TxExR * combine_TxE[:, :, None], b_ExRxD)
     y_TxD = y_TxD * (self.alpha / r)
@@ -212,7 +214,8 @@ def make_adapter(cfg: ml_collections.FrozenConfigDict, target: str) -> AdapterEx
   if a is None or target not in parse_targets(a.targets):
     return None
   return AdapterExperts(max(layer_counts(cfg)), a.rank, a.top_k, a.alpha,
-                        (a.aux_loss_weight, a.z_loss_weight), name=MODULE_NAMES[target])
+                        (a.aux_loss_weight, a.z_loss_weight), a.get("renormalize", True),
+                        name=MODULE_NAMES[target])
 
 
 # --- what the trainer needs: trainable-parameter selection, masks, losses ----

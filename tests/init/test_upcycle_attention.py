@@ -106,8 +106,8 @@ def test_tool_upcycles_attention_and_the_run_trains(dense_run, tmp_path):
   spec = importlib.util.spec_from_file_location("upcycle_tool", TOOL)
   tool = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tool)
-  cfg = moa_config(2, 1, True, True)
-  cfg.moe.num_experts, cfg.moe.top_k = 2, 2  # k copies, weights sum to 1
+  cfg = moa_config(2, 2, True, True)  # attention and FFN: 2 copies, weights sum to 1
+  cfg.moe.num_experts, cfg.moe.top_k = 2, 2
   cfg.train.batch_size = 4
   cfg.train.eval_batches = 1
   cfg.train.steps = 2
@@ -126,7 +126,7 @@ def test_tool_upcycles_attention_and_the_run_trains(dense_run, tmp_path):
 
 
 def test_dense_source_with_attention_experts_is_rejected(dense_run, tmp_path):
-  src = moa_config(2, 1, True, moe=False)
+  src = moa_config(2, 2, True, moe=False)
   src.init.upcycle_attention = False
   src.train.batch_size = 4
   src.train.eval_batches = 1
@@ -134,7 +134,7 @@ def test_dense_source_with_attention_experts_is_rejected(dense_run, tmp_path):
   os.makedirs(moa_dense)
   trainer.write_config(src, moa_dense)
   os.makedirs(os.path.join(moa_dense, "checkpoints"))
-  cfg = moa_config(2, 1, True)
+  cfg = moa_config(2, 2, True)
   cfg.init.from_dense = moa_dense
   with pytest.raises(ConfigError, match="has attention experts"):
     validate(cfg)

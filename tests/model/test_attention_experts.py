@@ -52,7 +52,7 @@ def _np_attention(x_LxD, wq_DxHxK, wk_DxHxK, wv_DxHxK, wo_HxKxD) -> np.ndarray:
   return np.einsum("lhk,hkd->ld", o, wo_HxKxD)
 
 
-def _np_moa(x_BxLxD, p, top_k: int, shared_kv: bool):
+def _np_moa(x_BxLxD, p, top_k: int, shared_kv: bool, renormalize: bool = True):
   """(y [B, L, D], balance, z-loss) by loops over experts and tokens."""
   b, l, d = x_BxLxD.shape
   e = p["router"].shape[1]
@@ -71,7 +71,9 @@ def _np_moa(x_BxLxD, p, top_k: int, shared_kv: bool):
   counts_E = np.zeros(e)
   for t in range(b * l):
     chosen = np.argsort(-probs_TxE[t], kind="stable")[:top_k]
-    w = probs_TxE[t, chosen] / probs_TxE[t, chosen].sum()
+    w = probs_TxE[t, chosen]
+    if renormalize:
+      w = w / w.sum()
     for ei, wi in zip(chosen, w):
       y_TxD[t] += wi * y_ExBxLxD[ei].reshape(-1, d)[t]
       counts_E[ei] += 1
@@ -80,8 +82,9 @@ def _np_moa(x_BxLxD, p, top_k: int, shared_kv: bool):
   return y_TxD.reshape(b, l, d), balance, np.mean(lse ** 2)
 
 
-@pytest.mark.parametrize("shared_kv,experts,top_k", [(True, 3, 2), (False, 4, 1)])
-def test_forward_matches_numpy_reference(shared_kv, experts, top_k):
+@pytest.mark.parametrize("shared_kv,experts,top_k,renormalize", [
+    (True, 3, 2, True), (False, 4, 1, True), (True, 4, 1, False), (False, 3, 2, False)])
+def test_forward_matches_numpy_reference(shared_kv, experts, top_k, renormalize):
   b, l, d, h = 2, 7, 16, 2  # L not a multiple of anything
   rng = np.random.default_rng(experts)
   x = rng.normal(size=(b, l, d)).astype(np.float32)
@@ -90,11 +93,11 @@ def test_forward_matches_numpy_reference(shared_kv, experts, top_k):
                 else {"w_qkv": (experts, d, 3, h, d // h)})
   params = {k: (rng.normal(size=v) / np.sqrt(d)).astype(np.float32) for k, v in shapes.items()}
   params["router"] *= 8.0  # spread-out routing weights
-  layer = AttentionExperts(h, experts, top_k, shared_kv)
+  layer = AttentionExperts(h, experts, top_k, shared_kv, renormalize=renormalize)
   y, losses = jax.jit(layer.apply)({"params": params}, x)
   want, balance, z = _np_moa(np.asarray(x, np.float64),
                              jax.tree.map(lambda a: np.asarray(a, np.float64), params),
-                             top_k, shared_kv)
+                             top_k, shared_kv, renormalize)
   np.testing.assert_allclose(y, want, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(losses["attn_load_balance"], balance, rtol=1e-4)
   np.testing.assert_allclose(losses["attn_z_loss"], z, rtol=1e-4)
@@ -171,6 +174,8 @@ def test_total_loss_adds_the_weighted_attention_losses():
     ("model.attn_experts", -1, "model.attn_experts=-1 is invalid: must be an integer >= 0"),
     ("model.attn_top_k", 0, r"model.attn_top_k=0 is invalid: must be an integer in \[1, "),
     ("model.attn_top_k", 4, r"model.attn_top_k=4 is invalid: .*model.attn_experts=3"),
+    ("model.attn_top_k", 1, r"model.attn_renormalize=True is invalid: with model.attn_top_k=1 "
+     r"of 3 experts the gate would be constantly 1 .*model.attn_renormalize=False"),
     ("model.attn_aux_loss_weight", -0.1, "model.attn_aux_loss_weight=-0.1 is invalid"),
 ])
 def test_config_errors_name_key_value_and_allowed(key, value, match):
@@ -181,8 +186,16 @@ def test_config_errors_name_key_value_and_allowed(key, value, match):
     validate(cfg)
 
 
-def test_upcycle_attention_config_errors(tmp_path):
+def test_top1_attention_router_needs_an_unnormalised_gate():
   cfg = moa_config(3, 1)
+  cfg.model.attn_renormalize = False  # Switch-style: the chosen expert's probability
+  validate(cfg)
+  cfg = moa_config(1, 1)  # one expert: nothing to route, the weight 1 is right
+  validate(cfg)
+
+
+def test_upcycle_attention_config_errors(tmp_path):
+  cfg = moa_config(3, 2)
   cfg.init.upcycle_attention = True
   with pytest.raises(ConfigError, match="init.upcycle_attention=True is invalid: needs "
                      "init.from_dense"):
@@ -192,7 +205,7 @@ def test_upcycle_attention_config_errors(tmp_path):
   cfg.init.from_dense = str(tmp_path)
   with pytest.raises(ConfigError, match="needs model.attn_experts > 0"):
     validate(cfg)
-  cfg = moa_config(3, 1)
+  cfg = moa_config(3, 2)
   cfg.init.from_dense = str(tmp_path)
   with pytest.raises(ConfigError, match="model.attn_experts=3 is invalid: with init.from_dense "
                      "needs init.upcycle_attention=True"):

@@ -38,8 +38,8 @@ def adapters_group(**kw) -> ml_collections.ConfigDict:
     (dict(allocation="uniform", num_experts=4), 4, [4, 4, 4, 4]),
     (dict(allocation="increasing", num_experts=4, top_k=2), 4, [2, 3, 5, 6]),
     (dict(allocation="decreasing", num_experts=4, top_k=2), 4, [6, 5, 3, 2]),
-    (dict(allocation="custom", experts_per_layer="1,2,8"), 3, [1, 2, 8]),
-    (dict(allocation="increasing", num_experts=2, layers="1,3"), 5, [1, 3]),
+    (dict(allocation="custom", experts_per_layer="1,2,8", top_k=1), 3, [1, 2, 8]),
+    (dict(allocation="increasing", num_experts=2, layers="1,3", top_k=1), 5, [1, 3]),
 ])
 def test_allocation(kw, n, want):
   assert ad.allocate_experts(adapters_group(**kw), n) == want
@@ -49,7 +49,11 @@ def test_allocation(kw, n, want):
 @given(n=st.integers(1, 12), e=st.integers(1, 16),
        rule=st.sampled_from(["uniform", "increasing", "decreasing"]))
 def test_allocation_rules_keep_the_total(n, e, rule):
-  counts = ad.allocate_experts(adapters_group(allocation=rule, num_experts=e), n)
+  try:
+    counts = ad.allocate_experts(adapters_group(allocation=rule, num_experts=e, top_k=1), n)
+  except ValueError as err:  # e.g. e=1 over 3 layers, decreasing: [2, 1, 0]
+    assert rule != "uniform" and "gives" in str(err) and "top_k=1" in str(err)
+    return
   assert len(counts) == n and sum(counts) == n * e
   steps = np.diff(counts)
   if rule == "increasing":
@@ -101,8 +105,22 @@ def test_list_length_mismatch_is_a_config_error(tmp_path):
     validate(adapter_config(str(tmp_path / "missing")))
 
 
-def reference_adapter(z, w_DxE, a_ExDxR, b_ExRxD, valid, k, scale):
-  """NumPy loop: masked softmax, stable top-k, renormalised LoRA mixture."""
+def test_top1_of_several_adapters_needs_an_unnormalised_gate(tmp_path):
+  trainer.write_config(base_config(), str(tmp_path))
+  os.makedirs(tmp_path / "checkpoints")
+  cfg = adapter_config(str(tmp_path), allocation="custom", experts_per_layer="1,3", top_k=1)
+  with pytest.raises(ConfigError, match=r"moe.adapters.renormalize=True is invalid: with "
+                     r"moe.adapters.top_k=1 of 3 experts the gate would be constantly 1"):
+    validate(cfg)
+  cfg.moe.adapters.renormalize = False
+  validate(cfg)
+  cfg.moe.adapters.renormalize = True
+  cfg.moe.adapters.experts_per_layer = "1,1"  # one expert per layer: nothing to route
+  validate(cfg)
+
+
+def reference_adapter(z, w_DxE, a_ExDxR, b_ExRxD, valid, k, scale, renormalize=True):
+  """NumPy loop: masked softmax, stable top-k, (renormalised) LoRA mixture."""
   out = np.zeros_like(z)
   for t in range(z.shape[0]):
     logits = z[t] @ w_DxE
@@ -111,13 +129,15 @@ def reference_adapter(z, w_DxE, a_ExDxR, b_ExRxD, valid, k, scale):
     p /= p.sum()
     top = np.argsort(-p, kind="stable")[:k]
     for e in top:
-      out[t] += p[e] / p[top].sum() * scale * (z[t] @ a_ExDxR[e]) @ b_ExRxD[e]
+      g = p[e] / p[top].sum() if renormalize else p[e]
+      out[t] += g * scale * (z[t] @ a_ExDxR[e]) @ b_ExRxD[e]
   return out
 
 
-def test_adapter_forward_matches_numpy_reference():
-  e, r, k, d = 5, 3, 2, 8
-  mod = ad.AdapterExperts(e, r, k, alpha=6.0, aux_weights=(1.0, 1.0))
+@pytest.mark.parametrize("k,renormalize", [(2, True), (1, False)])
+def test_adapter_forward_matches_numpy_reference(k, renormalize):
+  e, r, d = 5, 3, 8
+  mod = ad.AdapterExperts(e, r, k, alpha=6.0, aux_weights=(1.0, 1.0), renormalize=renormalize)
   z = jax.random.normal(jax.random.key(0), (2, 7, d))
   variables = mod.init(jax.random.key(1), z)
   params = dict(variables["params"])
@@ -127,7 +147,7 @@ def test_adapter_forward_matches_numpy_reference():
                       z, mutable=[ad.AUX_COLLECTION])
   p64 = {n: np.asarray(v, np.float64) for n, v in params.items()}
   want = reference_adapter(np.asarray(z, np.float64).reshape(-1, d), p64["router"],
-                           p64["lora_a"], p64["lora_b"], valid, k, 6.0 / r)
+                           p64["lora_a"], p64["lora_b"], valid, k, 6.0 / r, renormalize)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, d), want, rtol=1e-4, atol=1e-5)
   losses = sown[ad.AUX_COLLECTION]["losses"]
   assert float(losses["adapter_balance"]) >= 1.0 - 1e-5  # >= 1, = 1 at perfect balance
@@ -158,7 +178,7 @@ def test_requested_experts_per_layer_are_produced(base_run):
 
 def test_training_moves_only_adapters_and_checkpoints_only_them(base_run, tmp_path):
   cfg = adapter_config(base_run, allocation="increasing", num_experts=2, top_k=1,
-                       targets="ffn,attn")
+                       renormalize=False, targets="ffn,attn")
   validate(cfg)
   tx = hooks.wrap_optimizer(cfg, make_optimizer(cfg.train))
   state = trainer.init_state(cfg, tx)
