@@ -43,7 +43,8 @@ Expected result (docs/results/upcycling.md, 150 extra steps on a 200-step
 base, ~3-5 min each under load): validation loss upcycled (split) 1.248 vs
 continued dense 1.233 vs scratch 1.608 nats (equal active compute; at this
 short budget the continued dense model is ahead); upcycled (copy) 1.199, at
-1.7x the FLOPs per token.
+1.7x the FLOPs per token; copy_attn (split + 4 top-2 attention experts)
+1.252, ~2 min quiet.
 """
 
 from configs.quickstart import get_config as quickstart
