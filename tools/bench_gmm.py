@@ -66,6 +66,8 @@ def main() -> None:
   parser.add_argument("--backends", default=None,
                       help="comma list (default: all available but interpret*)")
   parser.add_argument("--repeats", type=int, default=11)
+  parser.add_argument("--warmup", type=int, default=4,
+                      help="untimed rounds first (a fresh process runs its first calls slower)")
   parser.add_argument("--quick", action="store_true",
                       help="2 repeats, G=8 and G=64 balanced + live=m/4 only")
   args = parser.parse_args()
@@ -126,7 +128,7 @@ def main() -> None:
         def f_full(x, w, backend=backend, full=full):
           return pk.gmm(x, w, full, backend=backend)
         fns[backend + "_full"] = (_fwd_bwd(f_full), (lhs, rhs, dout))
-    times = time_interleaved(fns, repeats)
+    times = time_interleaved(fns, repeats, warmup=1 if args.quick else args.warmup)
     d_fwd, d_bwd = times["dense"], times["dense_bwd"]
     name = f"m={m} k={k} n={n} G={groups} {kind}"
     if live != m:

@@ -114,6 +114,7 @@ def bench_ep(args, shapes) -> None:
   n = jax.device_count()
   platform = jax.devices()[0].platform
   repeats = 2 if args.quick else args.repeats
+  warmup = 1 if args.quick else args.warmup
   print(f"platform={platform} devices={n} (fake CPU devices share the host's cores)")
   print("| T | D | F | E | k | dtype | mesh (data,fsdp,expert) | dispatch | "
         "MB sent/device (fwd) | EP fwd+bwd ms | 1-device ms | EP / 1-device |")
@@ -124,7 +125,7 @@ def bench_ep(args, shapes) -> None:
     for dtype in args.dtype.split(","):
       for dispatch in args.dispatch.split(","):
         g, p = layer_fwd_bwd(shape, dispatch, dtype, args.capacity_factor, x)
-        base = time_interleaved({"1": (g, (p, x))}, repeats)["1"]
+        base = time_interleaved({"1": (g, (p, x))}, repeats, warmup=warmup)["1"]
         for data, fsdp, expert in EP_MESHES:
           sizes = mesh_lib.resolve_axes({"data": data, "fsdp": fsdp, "expert": expert}, n,
                                         num_experts=e, batch_size=n)
@@ -134,7 +135,7 @@ def bench_ep(args, shapes) -> None:
           x_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec())
           with jax.set_mesh(mesh):  # the layer takes the expert-parallel path
             args_sh = (jax.device_put(p, p_sh), jax.device_put(x, x_sh))
-            ms = time_interleaved({"ep": (g, args_sh)}, repeats)["ep"]
+            ms = time_interleaved({"ep": (g, args_sh)}, repeats, warmup=warmup)["ep"]
           mb = ep_bytes_sent(shape, dispatch, dtype, args.capacity_factor, n, ep,
                              platform) / 2**20
           print(f"| {t} | {d} | {f} | {e} | {k} | {dtype} | ({sizes['data']},{sizes['fsdp']},"
@@ -148,6 +149,8 @@ def main() -> None:
   ap.add_argument("--dtype", default="float32,bfloat16")
   ap.add_argument("--capacity_factor", type=float, default=1.25)
   ap.add_argument("--repeats", type=int, default=9)
+  ap.add_argument("--warmup", type=int, default=6,
+                  help="untimed rounds first (a fresh process runs its first calls slower)")
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--shapes", default=None,
                   help="comma list of indices into the shape list (default: all, "
@@ -191,7 +194,8 @@ def main() -> None:
         # rounds leaves the next calls of the others slower.
         g, p = layer_fwd_bwd(shape, dispatch, dtype, args.capacity_factor, x)
         times = time_interleaved({"dense": (g_dense, (p_dense, x)),
-                                  dispatch: (g, (p, x))}, repeats)
+                                  dispatch: (g, (p, x))}, repeats,
+                                 warmup=1 if args.quick else args.warmup)
         ms, base = times[dispatch], times["dense"]
         print(f"| {t} | {d} | {f} | {e} | {k} | {dtype} | {dispatch} | {ms * 1e3:.1f} "
               f"| {base * 1e3:.1f} | {ms / base:.2f}x |", flush=True)

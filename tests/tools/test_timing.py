@@ -38,6 +38,23 @@ def test_slow_functions_stop_after_two_rounds():
   assert [n for n, _ in log].count("slow") == 1 + 2
 
 
-def test_rejects_no_repeats():
+def test_warmup_rounds_are_interleaved_and_untimed():
+  log: list = []
+  fns = {"base": (_recorder(log, "base"), (1,)),
+         "cand": (_recorder(log, "cand"), (2,))}
+  timing.time_interleaved(fns, repeats=2, warmup=3)
+  assert [n for n, _ in log] == ["base", "cand"] * 5  # 3 warmup + 2 timed rounds
+
+
+def test_slow_functions_get_two_warmup_calls():
+  log: list = []
+  fns = {"slow": (_recorder(log, "slow"), (0,))}
+  timing.time_interleaved(fns, repeats=1, warmup=5, slow_s=-1.0)
+  assert [n for n, _ in log].count("slow") == 2 + 1
+
+
+def test_rejects_no_repeats_or_warmup():
   with pytest.raises(ValueError, match="repeats=0"):
     timing.time_interleaved({}, repeats=0)
+  with pytest.raises(ValueError, match="warmup=0"):
+    timing.time_interleaved({}, repeats=1, warmup=0)
