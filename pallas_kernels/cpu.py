@@ -149,12 +149,14 @@ _SPLIT_MAX_ROWS = 256
 _SPLIT_MIN_WEIGHTS = 1 << 21
 
 
-def _split_rows(m_rows: int, tiling, num_groups: int, k: int, n: int,
+def _split_rows(m_rows: int, tm: int, num_groups: int, k: int, n: int,
                 min_weights: int) -> list[int]:
-  """Candidate c (tm * 2**i, <= min(m_rows, 256)) for tgmm's batched split."""
+  """Candidate c (tm * 2**i, <= min(m_rows, 256)) for tgmm's batched split.
+
+  tm: the smallest chunk class (`_chunk_classes(...)[0]`).
+  """
   if num_groups < 2 or num_groups * k * n < min_weights:
     return []
-  tm = 16 if tiling is None else int(tiling[0])
   out, c = [], tm
   while c <= min(m_rows, _SPLIT_MAX_ROWS):
     out.append(c)
@@ -290,7 +292,7 @@ def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,
                           preferred_element_type=jnp.float32)
     return loop(jnp.minimum(starts + c, ends), out, after_split=True)
 
-  cands = _split_rows(m_rows, tiling, num_actual_groups, k, n,
+  cands = _split_rows(m_rows, classes[0], num_actual_groups, k, n,
                       split_min_weights)
   out = _with_split(cands, split, ends - starts, run)
   return out.astype(out_dtype)

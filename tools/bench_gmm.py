@@ -73,7 +73,7 @@ def main() -> None:
   args = parser.parse_args()
 
   dtype = jnp.dtype(args.dtype)
-  repeats = 2 if args.quick else args.repeats
+  repeats, warmup = (2, 1) if args.quick else (args.repeats, args.warmup)
   accel = jax.default_backend() in ("gpu", "tpu")
   unit, scale = ("TFLOP/s", 1e12) if accel else ("GFLOP/s", 1e9)
   if args.backends:
@@ -128,7 +128,7 @@ def main() -> None:
         def f_full(x, w, backend=backend, full=full):
           return pk.gmm(x, w, full, backend=backend)
         fns[backend + "_full"] = (_fwd_bwd(f_full), (lhs, rhs, dout))
-    times = time_interleaved(fns, repeats, warmup=1 if args.quick else args.warmup)
+    times = time_interleaved(fns, repeats, warmup=warmup)
     d_fwd, d_bwd = times["dense"], times["dense_bwd"]
     name = f"m={m} k={k} n={n} G={groups} {kind}"
     if live != m:

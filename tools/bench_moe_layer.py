@@ -113,8 +113,6 @@ def ep_bytes_sent(shape, dispatch: str, dtype: str, capacity_factor: float, n: i
 def bench_ep(args, shapes) -> None:
   n = jax.device_count()
   platform = jax.devices()[0].platform
-  repeats = 2 if args.quick else args.repeats
-  warmup = 1 if args.quick else args.warmup
   print(f"platform={platform} devices={n} (fake CPU devices share the host's cores)")
   print("| T | D | F | E | k | dtype | mesh (data,fsdp,expert) | dispatch | "
         "MB sent/device (fwd) | EP fwd+bwd ms | 1-device ms | EP / 1-device |")
@@ -125,7 +123,7 @@ def bench_ep(args, shapes) -> None:
     for dtype in args.dtype.split(","):
       for dispatch in args.dispatch.split(","):
         g, p = layer_fwd_bwd(shape, dispatch, dtype, args.capacity_factor, x)
-        base = time_interleaved({"1": (g, (p, x))}, repeats, warmup=warmup)["1"]
+        base = time_interleaved({"1": (g, (p, x))}, args.repeats, warmup=args.warmup)["1"]
         for data, fsdp, expert in EP_MESHES:
           sizes = mesh_lib.resolve_axes({"data": data, "fsdp": fsdp, "expert": expert}, n,
                                         num_experts=e, batch_size=n)
@@ -135,7 +133,8 @@ def bench_ep(args, shapes) -> None:
           x_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec())
           with jax.set_mesh(mesh):  # the layer takes the expert-parallel path
             args_sh = (jax.device_put(p, p_sh), jax.device_put(x, x_sh))
-            ms = time_interleaved({"ep": (g, args_sh)}, repeats, warmup=warmup)["ep"]
+            ms = time_interleaved({"ep": (g, args_sh)}, args.repeats,
+                                  warmup=args.warmup)["ep"]
           mb = ep_bytes_sent(shape, dispatch, dtype, args.capacity_factor, n, ep,
                              platform) / 2**20
           print(f"| {t} | {d} | {f} | {e} | {k} | {dtype} | ({sizes['data']},{sizes['fsdp']},"
@@ -159,6 +158,8 @@ def main() -> None:
   ap.add_argument("--devices", type=int, default=None,
                   help="benchmark expert parallelism on this many devices")
   args = ap.parse_args()
+  if args.quick:
+    args.repeats, args.warmup = 2, 1
   if args.devices:
     if jax.device_count() != args.devices:
       raise SystemExit(f"--devices={args.devices} but JAX sees {jax.device_count()} devices")
@@ -170,7 +171,6 @@ def main() -> None:
     if any(not 0 <= i < len(shapes) for i in picked):
       raise SystemExit(f"--shapes={args.shapes}: indices must be in [0, {len(shapes)})")
     shapes = [shapes[i] for i in picked]
-  repeats = 2 if args.quick else args.repeats
   if not args.rows_only:
     print(f"platform={jax.default_backend()} devices={jax.devices()}")
     print("| T | D | F | E | k | dtype | dispatch | fwd+bwd ms | dense FFN ms | ratio |")
@@ -194,8 +194,8 @@ def main() -> None:
         # rounds leaves the next calls of the others slower.
         g, p = layer_fwd_bwd(shape, dispatch, dtype, args.capacity_factor, x)
         times = time_interleaved({"dense": (g_dense, (p_dense, x)),
-                                  dispatch: (g, (p, x))}, repeats,
-                                 warmup=1 if args.quick else args.warmup)
+                                  dispatch: (g, (p, x))}, args.repeats,
+                                 warmup=args.warmup)
         ms, base = times[dispatch], times["dense"]
         print(f"| {t} | {d} | {f} | {e} | {k} | {dtype} | {dispatch} | {ms * 1e3:.1f} "
               f"| {base * 1e3:.1f} | {ms / base:.2f}x |", flush=True)

@@ -5,9 +5,10 @@ attention experts (MoA, `model.attn_experts` > 0): E_a attention experts with
 their own query and output projections and either one key/value projection
 shared by all experts (`model.attn_shared_kv`) or their own, mixed per token
 by top-k router weights (summing to 1 unless `model.attn_renormalize=False`;
-top-1 of several experts needs the latter, see `moejax.config`). Every expert is computed for every
-token (dense compute, exact and simple for small E_a); tokens only *use*
-the k selected ones (params_active vs flops_per_token in counting.py).
+top-1 of several experts needs the latter, see `moejax.config`). Every
+expert is computed for every token (dense compute, exact and simple for
+small E_a); tokens only *use* the k selected ones (params_active vs
+flops_per_token in counting.py).
 """
 
 from __future__ import annotations

@@ -371,10 +371,10 @@ def test_cpu_tgmm_split_choice():
   """Small groups split at their size, large ones stay on the loop; small
   weights never compile the split."""
   from pallas_kernels import cpu
-  cands = cpu._split_rows(8192, None, 64, 512, 1024, cpu._SPLIT_MIN_WEIGHTS)
+  cands = cpu._split_rows(8192, 16, 64, 512, 1024, cpu._SPLIT_MIN_WEIGHTS)
   assert cands == [16, 32, 64, 128, 256]
-  assert cpu._split_rows(8192, None, 8, 64, 64, cpu._SPLIT_MIN_WEIGHTS) == []
-  assert cpu._split_rows(37, (4, 0, 0), 5, 19, 23, 0) == [4, 8, 16, 32]
+  assert cpu._split_rows(8192, 16, 8, 64, 64, cpu._SPLIT_MIN_WEIGHTS) == []
+  assert cpu._split_rows(37, 4, 5, 19, 23, 0) == [4, 8, 16, 32]
 
   def pick(sizes):
     idx = int(cpu._pick_split(jnp.asarray(sizes, jnp.int32), cands))
