@@ -74,14 +74,27 @@ def test_sigkill_at_random_step_then_resume_matches(reference, tmp_path, seed):
   assert _losses(workdir) == reference  # bit for bit, no duplicated or missing step
 
 
+def _wait_for_file(path, proc, timeout=300):
+  deadline = time.time() + timeout
+  while not os.path.exists(path):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, f"{path} not written"
+    time.sleep(0.01)
+
+
 def test_sigterm_checkpoints_and_exits_zero(reference, tmp_path):
   workdir = str(tmp_path / "run")
   p = _start(workdir, STEPS, 1000)  # no periodic checkpoint before the signal
-  _wait_for_step(workdir, 8, p)
+  # config.json is written once the handler is installed and before the first
+  # step compiles: a signal sent then always lands before the run can finish
+  # (waiting for a logged step raced the remaining steps on a loaded machine).
+  _wait_for_file(os.path.join(workdir, "config.json"), p)
   p.send_signal(signal.SIGTERM)
   out, _ = p.communicate(timeout=60)
   assert p.returncode == 0, out
+  assert "after step " in out, out
   stopped = int(out.split("after step ")[1].split(";")[0])
+  assert 1 <= stopped < STEPS
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped)]
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   p = _start(workdir, STEPS, 1000)
