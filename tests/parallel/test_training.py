@@ -1,6 +1,7 @@
 """Training on a (data=2, expert=4) mesh of 8 fake CPU devices vs one device.
 
-Both runs go through `python -m experiments` in subprocesses (XLA_FLAGS must
+Every run accumulates gradients over 2 micro-batches of 8 sequences (each
+split over the mesh). The runs go through `python -m experiments` in subprocesses (XLA_FLAGS must
 be set before JAX starts), started together to share the wait.
 """
 
@@ -15,7 +16,8 @@ import numpy as np
 
 from tests.conftest import REPO, TINY_FLAGS
 
-FIVE_STEPS = TINY_FLAGS + ["--config.model.dtype=float32", "--config.train.batch_size=8",
+FIVE_STEPS = TINY_FLAGS + ["--config.model.dtype=float32", "--config.train.batch_size=16",
+                           "--config.train.grad_accum_steps=2",
                            "--config.train.steps=5", "--config.train.log_every=1",
                            "--config.train.eval_every=5", "--config.train.checkpoint_every=5"]
 
@@ -43,11 +45,14 @@ def losses(workdir: str) -> dict[int, float]:
 
 
 def test_five_steps_on_data2_expert4_match_one_device(tmp_path):
-  """Also (data=2, fsdp=2, expert=2): FSDP-sharded weights and optimizer state."""
+  """Also (data=2, fsdp=2, expert=2): FSDP-sharded weights and optimizer state,
+  with the `capacity` exchange at a capacity factor that drops nothing (the
+  same function as dropless, so the same losses)."""
   single = start(str(tmp_path / "single"), 1)
   mesh = start(str(tmp_path / "mesh"), 8, "--config.parallel.expert=4")
   fsdp = start(str(tmp_path / "fsdp"), 8, "--config.parallel.data=2",
-               "--config.parallel.fsdp=2", "--config.parallel.expert=2")
+               "--config.parallel.fsdp=2", "--config.parallel.expert=2",
+               "--config.moe.dispatch=capacity", "--config.moe.capacity_factor=4.0")
   for p in (single, mesh, fsdp):
     finish(p)
   want = losses(str(tmp_path / "single"))
