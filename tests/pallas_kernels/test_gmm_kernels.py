@@ -383,3 +383,42 @@ def test_cpu_tgmm_split_choice():
   assert pick([32] * 64) == 32
   assert pick([128] * 64) == 0
   assert pick([1024] * 8 + [0] * 56) == 0
+
+
+def test_cpu_fresh_zeros_are_positive_zero_for_any_operand():
+  from pallas_kernels import cpu
+  for v in (np.nan, np.inf, -np.inf, -3.0, 0.0, 1e38):
+    z = cpu._fresh_zeros((3, 2), jnp.full((2, 2), v, jnp.bfloat16),
+                         jnp.full((4,), v, jnp.float32), jnp.zeros((0, 5)))
+    assert z.dtype == jnp.float32 and z.shape == (3, 2)
+    np.testing.assert_array_equal(np.signbit(np.asarray(z)), False)
+    np.testing.assert_array_equal(np.asarray(z), 0.0)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_cpu_non_finite_operands_leave_dead_rows_and_empty_groups_zero(transpose_rhs):
+  """Rows past the live end (gmm) and empty groups (tgmm) are exact +0 even
+  when dead rows and empty groups' weights hold inf/nan (the first element
+  of each operand among them); two gmm calls in one program."""
+  rng = np.random.default_rng(3)
+  m, k, n = 20, 5, 6
+  sizes = jnp.asarray([0, 7, 0], jnp.int32)  # group 1 owns rows 0-6
+  lhs = _rand(rng, (m, k), jnp.float32).at[7:].set(jnp.nan).at[-1].set(jnp.inf)
+  rhs = _rand(rng, (3, n, k) if transpose_rhs else (3, k, n), jnp.float32)
+  rhs = rhs.at[0].set(jnp.nan).at[2].set(-jnp.inf)  # the empty groups
+  dy = _rand(rng, (m, n), jnp.float32).at[0, 0].set(-jnp.inf).at[7:].set(jnp.nan)
+  x = lhs.at[0, 0].set(jnp.nan)  # tgmm's x: row 0 is live, so keep dy's finite
+
+  @jax.jit
+  def f(lhs, rhs, x, dy):
+    gmm = functools.partial(pk.gmm, transpose_rhs=transpose_rhs, backend="cpu")
+    return gmm(lhs, rhs, sizes), gmm(lhs * 2, rhs, sizes), pk.tgmm(
+        x.T, dy.at[:7].set(1.0), sizes, backend="cpu")
+
+  out, out2, dw = (np.asarray(a) for a in f(lhs, rhs, x, dy))
+  for o in (out, out2):
+    assert np.isfinite(o[:7]).all()
+    np.testing.assert_array_equal(o[7:], 0.0)
+    assert not np.signbit(o[7:]).any()
+  np.testing.assert_array_equal(dw[[0, 2]], 0.0)
+  assert not np.signbit(dw[[0, 2]]).any()
