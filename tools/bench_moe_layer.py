@@ -1,9 +1,10 @@
 """Benchmark a whole MoE layer (router + dispatch + experts + combine, fwd+bwd).
 
-Each row times jax.grad of sum(layer(x)) w.r.t. the layer's parameters and its
-input, and divides by the same for a dense SwiGLU FFN with the same active
-FLOPs per token (hidden = top_k * expert_hidden), measured in the same process
-(calls interleaved with the baseline's, see tools/timing.py).
+Each row times jax.grad of sum(layer(x) * dy) w.r.t. the layer's parameters
+and its input (dy: x reversed along D, a dense cotangent as in training), and
+divides by the same for a dense SwiGLU FFN with the same active FLOPs per
+token (hidden = top_k * expert_hidden), measured in the same process (calls
+interleaved with the baseline's, see tools/timing.py).
 
   python tools/bench_moe_layer.py                    # the three reference shapes, f32 + bf16
   python tools/bench_moe_layer.py --quick            # smaller shapes, fewer repeats
@@ -68,7 +69,9 @@ def _fwd_bwd(module, x):
   def loss(p, x):
     out = module.apply({"params": p}, x)
     y = out[0] if isinstance(out, tuple) else out
-    return jnp.sum(y)
+    # A dense, non-constant cotangent as in training: with sum(y) the
+    # cotangent is all ones and XLA folds it into the backward's products.
+    return jnp.sum(y * jax.lax.stop_gradient(x[..., ::-1]))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1))), params
 
