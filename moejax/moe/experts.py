@@ -39,15 +39,21 @@ def swiglu_batched(w: ExpertWeights, x_ExCxD: jax.Array, dtype) -> jax.Array:
 
 
 def swiglu_grouped(w: ExpertWeights, x_AxD: jax.Array, group_sizes_E: jax.Array,
-                   dtype, gmm: Callable) -> jax.Array:
+                   dtype, gmm: Callable, scale_A: jax.Array | None = None
+                   ) -> jax.Array:
   """Experts on rows sorted by expert (ragged groups): [A, D] -> [A, D] float32.
 
   `gmm(lhs, rhs, group_sizes, preferred_element_type=...)` has the
   `pallas_kernels.gmm` signature; rows past sum(group_sizes) come out zero.
+  `scale_A` [A] (optional) multiplies each row's hidden activations, which
+  is the same as multiplying its output (the down projection is linear).
   """
   f32 = jnp.float32
   x = x_AxD.astype(dtype)
   g = gmm(x, w["w_gate"].astype(dtype), group_sizes_E, preferred_element_type=f32)
   u = gmm(x, w["w_up"].astype(dtype), group_sizes_E, preferred_element_type=f32)
-  h = (nn.silu(g) * u).astype(dtype)
-  return gmm(h, w["w_down"].astype(dtype), group_sizes_E, preferred_element_type=f32)
+  h = nn.silu(g) * u
+  if scale_A is not None:
+    h = h * scale_A[:, None]
+  return gmm(h.astype(dtype), w["w_down"].astype(dtype), group_sizes_E,
+             preferred_element_type=f32)

@@ -66,10 +66,11 @@ def _np(a: Assignment):
           np.asarray(a.valid))
 
 
-def _problem(t, e, seed):
+def _problem(t, e, seed, f=F):
+  """f < D puts dropless's combine weights on the hidden rows, f > D on the outputs."""
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((t, D)).astype(np.float32)
-  w = ref.random_expert_weights(rng, e, D, F)
+  w = ref.random_expert_weights(rng, e, D, f)
   return x, w, rng
 
 
@@ -290,12 +291,12 @@ SHAPES = [(1, 1, 1), (13, 4, 26), (6, 4, 12), (9, 3, 18), (5, 3, 10),
        skew=st.sampled_from(["random", "one_expert", "empty_experts",
                              "duplicates"]),
        valid_p=st.sampled_from([1.0, 0.7, 0.2, 0.0]),
-       small_capacity=st.booleans())
-def test_dispatchers_hypothesis(shape, seed, skew, valid_p, small_capacity):
+       small_capacity=st.booleans(), f=st.sampled_from([F, D // 2]))
+def test_dispatchers_hypothesis(shape, seed, skew, valid_p, small_capacity, f):
   t, e, n = shape
   # 0.5 drops whenever an expert gets more than half its fair share; E never.
   cf = 0.5 if small_capacity else float(e)
-  x, w, rng = _problem(t, e, seed)
+  x, w, rng = _problem(t, e, seed, f)
   token = rng.integers(0, t, n)
   if skew == "random":
     expert = rng.integers(0, e, n)
@@ -363,7 +364,8 @@ def _loss_fn(name):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def test_dropless_gradients_equal_dense():
+@pytest.mark.parametrize("f", [F, D // 2], ids=["F>D", "F<D"])
+def test_dropless_gradients_equal_dense(f):
   # T = 13, E = 4 with an empty expert (2), invalid slots with large weights,
   # and token 1 sent twice to expert 0.
   t, e = 13, 4
@@ -373,7 +375,7 @@ def test_dropless_gradients_equal_dense():
   wt[[7, 15]] = 50.0
   val = np.ones(len(tok), bool)
   val[[7, 15]] = False  # slot 7 was expert 2's only slot
-  x, w, rng = _problem(t, e, seed=2)
+  x, w, rng = _problem(t, e, seed=2, f=f)
   ct = rng.standard_normal((t, D)).astype(np.float32)
   a = _assignment(tok, exp, wt, val)
   args = (jnp.asarray(x), _jw(w), a.weight, a, jnp.asarray(ct))
