@@ -108,7 +108,11 @@ def test_remat_same_values_and_grads():
   cfg.model.remat = True
   g2 = jax.grad(loss)(variables["params"], cfg)
   for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    # Recomputation may fuse (and so round) differently: float32 rounding of
+    # the leaf's largest entries, not of each entry alone.
+    y = np.asarray(y)
+    np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5,
+                               atol=1e-5 * np.max(np.abs(y), initial=1e-7))
 
 
 def test_jitter_only_in_training():
