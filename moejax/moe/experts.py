@@ -45,15 +45,22 @@ def swiglu_grouped(w: ExpertWeights, x_AxD: jax.Array, group_sizes_E: jax.Array,
 
   `gmm(lhs, rhs, group_sizes, preferred_element_type=...)` has the
   `pallas_kernels.gmm` signature; rows past sum(group_sizes) come out zero.
-  `scale_A` [A] (optional) multiplies each row's hidden activations, which
-  is the same as multiplying its output (the down projection is linear).
+  `scale_A` [A] (optional) multiplies each row's result (the combine
+  weights). The down projection is linear, so it is applied on the narrower
+  side: the [A, F] hidden rows inside the SwiGLU elementwise pass when
+  F <= D (which also spares the backward an [A, D] product and reduction),
+  else the [A, D] outputs.
   """
   f32 = jnp.float32
   x = x_AxD.astype(dtype)
   g = gmm(x, w["w_gate"].astype(dtype), group_sizes_E, preferred_element_type=f32)
   u = gmm(x, w["w_up"].astype(dtype), group_sizes_E, preferred_element_type=f32)
+  on_hidden = scale_A is not None and g.shape[-1] <= x_AxD.shape[-1]
   h = nn.silu(g) * u
-  if scale_A is not None:
+  if on_hidden:
     h = h * scale_A[:, None]
-  return gmm(h.astype(dtype), w["w_down"].astype(dtype), group_sizes_E,
-             preferred_element_type=f32)
+  y = gmm(h.astype(dtype), w["w_down"].astype(dtype), group_sizes_E,
+          preferred_element_type=f32)
+  if scale_A is not None and not on_hidden:
+    y = y * scale_A[:, None]
+  return y

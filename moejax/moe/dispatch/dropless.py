@@ -39,13 +39,7 @@ def dropless_dispatch(x_TxD: jax.Array, assignment: Assignment,
   # Tokens are in [0, T) (the Assignment contract): no bounds masks, which
   # cost XLA:CPU two extra [A, D] passes in the backward at E=64.
   x_AxD = x_TxD.at[tok_A].get(mode="promise_in_bounds")
-  if w["w_gate"].shape[-1] <= x_TxD.shape[-1]:
-    # Combine weights on the narrower side: on the [A, F] hidden rows (fused
-    # into SwiGLU's elementwise pass) instead of the [A, D] outputs, which
-    # also spares the backward an [A, D] product and reduction (E=64, F=D/2).
-    y_AxD = swiglu_grouped(w, x_AxD, group_sizes_E, dtype, gmm, scale_A=wt_A)
-  else:
-    y_AxD = swiglu_grouped(w, x_AxD, group_sizes_E, dtype, gmm) * wt_A[:, None]
+  y_AxD = swiglu_grouped(w, x_AxD, group_sizes_E, dtype, gmm, scale_A=wt_A)
   y_TxD = jnp.zeros(x_TxD.shape, jnp.float32).at[tok_A].add(
       y_AxD, mode="promise_in_bounds")
   return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
