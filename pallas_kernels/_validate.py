@@ -33,18 +33,23 @@ def check_float(name: str, x: jax.Array) -> None:
                      f"{_dtype_names()}")
 
 
+def check_dtype(name: str, value: Any) -> jnp.dtype:
+  """`value` as a supported dtype; ValueError naming `name` otherwise."""
+  try:
+    dt = jnp.dtype(value)
+  except TypeError as e:
+    raise ValueError(f"{name}={value!r} is not a dtype; allowed: None, "
+                     f"{_dtype_names()}") from e
+  if dt not in SUPPORTED_DTYPES:
+    raise ValueError(f"{name}={dt} is not supported; allowed: None, "
+                     f"{_dtype_names()}")
+  return dt
+
+
 def out_dtype(preferred_element_type: Any, lhs_dtype) -> jnp.dtype:
   if preferred_element_type is None:
     return jnp.dtype(lhs_dtype)
-  try:
-    dt = jnp.dtype(preferred_element_type)
-  except TypeError as e:
-    raise ValueError(f"preferred_element_type={preferred_element_type!r} is "
-                     f"not a dtype; allowed: None, {_dtype_names()}") from e
-  if dt not in SUPPORTED_DTYPES:
-    raise ValueError(f"preferred_element_type={dt} is not supported; allowed: "
-                     f"None, {_dtype_names()}")
-  return dt
+  return check_dtype("preferred_element_type", preferred_element_type)
 
 
 def check_group_sizes(group_sizes: Any, m: int) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+import pallas_kernels
 from moejax.layers import dot, fan_in_init
 
 ExpertWeights = dict[str, jax.Array]  # w_gate [E,D,F], w_up [E,D,F], w_down [E,F,D]
@@ -39,28 +39,15 @@ def swiglu_batched(w: ExpertWeights, x_ExCxD: jax.Array, dtype) -> jax.Array:
 
 
 def swiglu_grouped(w: ExpertWeights, x_AxD: jax.Array, group_sizes_E: jax.Array,
-                   dtype, gmm: Callable, scale_A: jax.Array | None = None
-                   ) -> jax.Array:
+                   dtype, *, backend: str = "auto", group_offset: Any = None,
+                   scale_A: jax.Array | None = None) -> jax.Array:
   """Experts on rows sorted by expert (ragged groups): [A, D] -> [A, D] float32.
 
-  `gmm(lhs, rhs, group_sizes, preferred_element_type=...)` has the
-  `pallas_kernels.gmm` signature; rows past sum(group_sizes) come out zero.
-  `scale_A` [A] (optional) multiplies each row's result (the combine
-  weights). The down projection is linear, so it is applied on the narrower
-  side: the [A, F] hidden rows inside the SwiGLU elementwise pass when
-  F <= D (which also spares the backward an [A, D] product and reduction),
-  else the [A, D] outputs.
+  `pallas_kernels.grouped_swiglu` with products in `dtype`: rows past
+  sum(group_sizes) (and, with `group_offset`, rows of experts this `w`
+  does not hold) come out zero. `scale_A` [A] (optional) multiplies each
+  row's result (the combine weights).
   """
-  f32 = jnp.float32
-  x = x_AxD.astype(dtype)
-  g = gmm(x, w["w_gate"].astype(dtype), group_sizes_E, preferred_element_type=f32)
-  u = gmm(x, w["w_up"].astype(dtype), group_sizes_E, preferred_element_type=f32)
-  on_hidden = scale_A is not None and g.shape[-1] <= x_AxD.shape[-1]
-  h = nn.silu(g) * u
-  if on_hidden:
-    h = h * scale_A[:, None]
-  y = gmm(h.astype(dtype), w["w_down"].astype(dtype), group_sizes_E,
-          preferred_element_type=f32)
-  if scale_A is not None and not on_hidden:
-    y = y * scale_A[:, None]
-  return y
+  return pallas_kernels.grouped_swiglu(
+      x_AxD, w["w_gate"], w["w_up"], w["w_down"], group_sizes_E, scale=scale_A,
+      compute_dtype=dtype, group_offset=group_offset, backend=backend)

@@ -52,3 +52,43 @@ def gmm_grads(lhs_MxK, rhs_GxKxN, group_sizes, dout_MxN, group_offset: int = 0,
     dw_KxN = lhs[lo:hi].T @ dout[lo:hi]
     drhs[j] = dw_KxN.T if transpose_rhs else dw_KxN
   return dlhs, drhs
+
+
+def _silu_parts(g):
+  sig = 1.0 / (1.0 + np.exp(-g))
+  return g * sig, sig * (1.0 + g * (1.0 - sig))  # silu(g), silu'(g)
+
+
+def grouped_swiglu(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, group_sizes, scale_M=None,
+                   group_offset: int = 0) -> np.ndarray:
+  """out[r] = s[r] (silu(x[r] Wg) * (x[r] Wu)) Wd for row r of local group j."""
+  y, _ = grouped_swiglu_grads(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, group_sizes,
+                              None, scale_M, group_offset)
+  return y
+
+
+def grouped_swiglu_grads(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, group_sizes, dy_MxD,
+                         scale_M=None, group_offset: int = 0):
+  """(y, grads) with grads = (dx, dWg, dWu, dWd, ds) of sum(y * dy) (None without dy)."""
+  x, wg, wu, wd = (np.asarray(a, np.float64) for a in (x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD))
+  m = x.shape[0]
+  s = np.ones(m) if scale_M is None else np.asarray(scale_M, np.float64)
+  bounds = _bounds(group_sizes)
+  y = np.zeros_like(x)
+  dx, dwg, dwu, dwd, ds = (np.zeros_like(a) for a in (x, wg, wu, wd, s))
+  for j in range(wg.shape[0]):
+    lo, hi = bounds[group_offset + j], bounds[group_offset + j + 1]
+    xs, sj = x[lo:hi], s[lo:hi, None]
+    g, u = xs @ wg[j], xs @ wu[j]
+    act, dact = _silu_parts(g)
+    y[lo:hi] = (act * u * sj) @ wd[j]
+    if dy_MxD is None:
+      continue
+    dys = np.asarray(dy_MxD, np.float64)[lo:hi]
+    dwd[j] = (act * u * sj).T @ dys
+    dh = dys @ wd[j].T
+    ds[lo:hi] = np.sum(dh * act * u, axis=1)
+    du, dg = dh * sj * act, dh * sj * u * dact
+    dwg[j], dwu[j] = xs.T @ dg, xs.T @ du
+    dx[lo:hi] = dg @ wg[j].T + du @ wu[j].T
+  return y, (None if dy_MxD is None else (dx, dwg, dwu, dwd, ds))

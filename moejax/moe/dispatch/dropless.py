@@ -7,12 +7,9 @@ zeros and does no work.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-import pallas_kernels
 from moejax.moe.experts import ExpertWeights, swiglu_grouped
 from moejax.moe.types import Assignment
 
@@ -35,11 +32,11 @@ def dropless_dispatch(x_TxD: jax.Array, assignment: Assignment,
   order_A, group_sizes_E = sort_by_expert(assignment, e)
   tok_A = assignment.token[order_A]
   wt_A = jnp.where(assignment.valid, assignment.weight, 0.0)[order_A]
-  gmm = functools.partial(pallas_kernels.gmm, backend=backend)
   # Tokens are in [0, T) (the Assignment contract): no bounds masks, which
   # cost XLA:CPU two extra [A, D] passes in the backward at E=64.
   x_AxD = x_TxD.at[tok_A].get(mode="promise_in_bounds")
-  y_AxD = swiglu_grouped(w, x_AxD, group_sizes_E, dtype, gmm, scale_A=wt_A)
+  y_AxD = swiglu_grouped(w, x_AxD, group_sizes_E, dtype, backend=backend,
+                         scale_A=wt_A)
   y_TxD = jnp.zeros(x_TxD.shape, jnp.float32).at[tok_A].add(
       y_AxD, mode="promise_in_bounds")
   return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}

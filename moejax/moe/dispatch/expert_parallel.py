@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-import pallas_kernels
 from moejax.moe.dispatch.capacity import capacity_positions, expert_capacity
 from moejax.moe.dispatch.dropless import sort_by_expert
 from moejax.moe.experts import ExpertWeights, swiglu_batched, swiglu_grouped
@@ -187,8 +186,8 @@ def _dropless_body(x_TxD, tok, exp, wt, val, w: ExpertWeights, *, num_experts: i
   group_sizes_E = jax.lax.dynamic_update_slice(
       jnp.zeros((e,), jnp.int32), jnp.sum(mine_SxEl, axis=0).astype(jnp.int32),
       (me * e_loc,))
-  gmm = functools.partial(pallas_kernels.gmm, backend=backend, group_offset=me * e_loc)
-  y_sorted = swiglu_grouped(w, recv_RxD[perm_R], group_sizes_E, dtype, gmm)
+  y_sorted = swiglu_grouped(w, recv_RxD[perm_R], group_sizes_E, dtype, backend=backend,
+                            group_offset=me * e_loc)
   y_RxD = jnp.zeros((rows, d), jnp.float32).at[perm_R].set(y_sorted)
   y_AxD = exchange(y_RxD, jnp.zeros((a_loc, d), jnp.float32), ragged_offsets(sizes_SxS.T, me))
   y_TxD = jnp.zeros((t_loc, d), jnp.float32).at[tok_A].add(y_AxD * wt_A[:, None])
