@@ -15,10 +15,10 @@ buffer); only the head can overhang its rows and is masked on write (gmm) or
 on read (tgmm). The head comes first so that tgmm can write its output slice
 without reading it; the full `top` chunks that follow need no mask.
 
-tgmm with many small groups (and weights of at least 2M elements) first
-puts each group's first c rows through one batched dot, c picked per call by
-a cost model (see "tgmm's batched split" below); the chunk loop then only
-adds the rows past c.
+tgmm and the transposed gmm (the backward's d(lhs)) with many small groups
+(and weights of at least 2M elements) first put each group's first c rows
+through one batched dot, c picked per call by a cost model (see "The
+batched split" below); the chunk loop then only does the rows past c.
 
 Loops are `fori_loop`s with data-dependent trip counts (the per-class loops
 run 0 or 1 times), so the cost follows the live rows: empty groups and rows
@@ -155,31 +155,34 @@ def _prepare_rows(x: jax.Array, classes: list[int]) -> jax.Array:
   return _common.pad_axis(x, 0, max(x.shape[0], classes[0]))
 
 
-# tgmm's batched split: when groups are small, their first c rows go through
-# one batched dot ([G, c, k] x [G, c, n] gathered rows, masked) that writes
-# the whole [G, k, n] output once, and only rows past c through the chunk
-# loop, which accumulates onto it. The loop pays per group whatever its
-# size: a copy of the group's [k, n] product into the output (XLA:CPU cannot
-# write a dot into a dynamic slice) plus the output's zero-fill. Padded and
+# The batched split (tgmm, and gmm with transpose_rhs): when groups are
+# small, their first c rows go through one batched dot over gathered, masked
+# rows, and only rows past c through the chunk loop. The loop pays per group
+# whatever its size: tgmm copies the group's [k, n] product into its output
+# (XLA:CPU cannot write a dot into a dynamic slice) after zero-filling the
+# whole output, gmm copies the group's weights out of rhs; the batched dot
+# reads rhs in place and writes tgmm's [G, k, n] output once. Padded and
 # small-M batched rows cost more than loop rows, so `_pick_split` weighs the
 # two with a cost model in units of one loop row: a group in the loop costs
 # OVH + its rows, a batched row BETA (padding included); both scale with
 # k n, so to first order they do not depend on the shape. Fitted on the
 # 2-core dev box (m=8192, k=512, n=1024, G=64, float32, every split forced):
-# OVH 120, BETA 2.2; groups of 32 rows split (tgmm 20.5 -> 11.8 ms), groups
-# of 128 do not. gmm gains nothing from the same split (its per-group weight
-# copy is cheap next to the batched dot's gather and scatter; with
-# transpose_rhs the batched dot is 1.7x slower than the loop), so it stays
-# on the loop. Weights under _SPLIT_MIN_WEIGHTS elements never split and do
-# not compile the batched branches.
-_SPLIT_OVH, _SPLIT_BETA = 120.0, 2.2
+# tgmm OVH 120, BETA 2.2 (groups of 32 rows split, 20.5 -> 11.8 ms; groups
+# of 128 do not); gmm with transpose_rhs OVH 46, BETA 2.0 (groups of 32 rows:
+# loop 11.9 ms, 64 x 128 loop 26.5 ms, c=32 9.4 ms; Zipf-skewed groups at
+# m/4 stay on the loop, 11.6 vs 13.0 ms at c=16). gmm without transposition
+# gains nothing (its batched dot is as slow as the loop; the [G, n, k]-weights
+# form of the transposed one is what makes that one fast), so it stays on the
+# loop. Weights under _SPLIT_MIN_WEIGHTS elements never split and do not
+# compile the batched branches.
+_SPLIT_COST = {"tgmm": (120.0, 2.2), "gmm_t": (46.0, 2.0)}  # (OVH, BETA)
 _SPLIT_MAX_ROWS = 256
 _SPLIT_MIN_WEIGHTS = 1 << 21
 
 
 def _split_rows(m_rows: int, tm: int, num_groups: int, k: int, n: int,
                 min_weights: int) -> list[int]:
-  """Candidate c (tm * 2**i, <= min(m_rows, 256)) for tgmm's batched split.
+  """Candidate c (tm * 2**i, <= min(m_rows, 256)) for the batched split.
 
   tm: the smallest chunk class (`_chunk_classes(...)[0]`).
   """
@@ -192,9 +195,9 @@ def _split_rows(m_rows: int, tm: int, num_groups: int, k: int, n: int,
   return out
 
 
-def _pick_split(sizes_G: jax.Array, cands: list[int]) -> jax.Array:
-  """Index into [0] + cands of the cheapest split under the cost model."""
-  ovh, beta = _SPLIT_OVH, _SPLIT_BETA
+def _pick_split(sizes_G: jax.Array, cands: list[int], op: str) -> jax.Array:
+  """Index into [0] + cands of the cheapest split under op's cost model."""
+  ovh, beta = _SPLIT_COST[op]
   s = sizes_G.astype(jnp.float32)
 
   def loop_cost(c):
@@ -214,19 +217,21 @@ def _first_rows(starts_G: jax.Array, ends_G: jax.Array, c: int
   return jnp.where(keep, rows, 0), keep
 
 
-def _with_split(cands: list[int], split: int | None, sizes_G, run):
-  """run(c) for the split the cost model (or `split`, if given) picks."""
+def _with_split(cands: list[int], split: int | None, sizes_G, run, op: str):
+  """run(c) for the split op's cost model (or `split`, if given) picks."""
   if split is not None:
     return run(split)
   if not cands:
     return run(0)
-  idx = _pick_split(sizes_G, cands)
+  idx = _pick_split(sizes_G, cands, op)
   return lax.switch(idx, [lambda c=c: run(c) for c in [0] + cands])
 
 
 def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
         group_offset: jax.Array, *, out_dtype, transpose_rhs: bool,
-        tiling) -> jax.Array:
+        tiling, split: int | None = None,
+        split_min_weights: int = _SPLIT_MIN_WEIGHTS) -> jax.Array:
+  """`split`: force the batched split's c (transpose_rhs only; tests use it)."""
   m, k = lhs_MxK.shape
   num_local = rhs_GxKxN.shape[0]
   n = rhs_GxKxN.shape[1] if transpose_rhs else rhs_GxKxN.shape[2]
@@ -257,10 +262,30 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
 
     return _for_each_chunk(start, end, classes, m_rows, head, top, out_MxN)
 
-  # The carry stays float32: XLA:CPU has no bfloat16 dynamic-update-slice and
-  # would convert (and copy) the whole buffer around every chunk.
-  out = _fresh_zeros((m_rows, n), lhs, rhs)
-  out = _for_each_nonempty_group(starts, ends, group_body, out)
+  def run(c):
+    # The carry stays float32: XLA:CPU has no bfloat16 dynamic-update-slice
+    # and would convert (and copy) the whole buffer around every chunk.
+    out = _fresh_zeros((m_rows, n), lhs, rhs)
+    if not c:
+      return _for_each_nonempty_group(starts, ends, group_body, out)
+    rows_GxC, keep_GxC = _first_rows(starts, ends, c)
+    xs = jnp.where(keep_GxC[..., None], jnp.take(lhs, rows_GxC, axis=0), 0)
+    # rhs [G, n, k] times the rows as [G, n, c], then transposed: the
+    # weights stay the left operand, read in place (the [G, c, n] form is
+    # 1.7x slower); the barrier keeps XLA from folding the transpose into
+    # the dot's output layout, which made it 2x slower.
+    p = lax.dot_general(rhs, xs, (((2,), (2,)), ((0,), (0,))),
+                        preferred_element_type=jnp.float32)
+    p = jnp.swapaxes(lax.optimization_barrier(p), 1, 2).reshape(-1, n)
+    dst = jnp.where(keep_GxC, rows_GxC, m_rows).reshape(-1)
+    out = out.at[dst].set(p, mode="drop", unique_indices=True)
+    return _for_each_nonempty_group(jnp.minimum(starts + c, ends), ends,
+                                    group_body, out)
+
+  cands = (_split_rows(m_rows, classes[0], num_local, k, n, split_min_weights)
+           if transpose_rhs else [])
+  out = _with_split(cands, split if transpose_rhs else None, ends - starts,
+                    run, "gmm_t")
   return out[:m].astype(out_dtype)
 
 
@@ -322,5 +347,5 @@ def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,
 
   cands = _split_rows(m_rows, classes[0], num_actual_groups, k, n,
                       split_min_weights)
-  out = _with_split(cands, split, ends - starts, run)
+  out = _with_split(cands, split, ends - starts, run, "tgmm")
   return out.astype(out_dtype)

@@ -330,25 +330,27 @@ def test_cpu_groups_longer_than_several_top_chunks(dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_tgmm_split_fn(split: int | None, num_actual_groups: int):
-  """cpu tgmm with its batched split forced (or chosen, split=None) at tm=4."""
+def _cpu_split_fn(op: str, split: int | None, num_local: int):
+  """cpu tgmm / transposed gmm with the batched split forced (or chosen,
+  split=None) at tm=4."""
   from pallas_kernels import cpu
+  kw = dict(out_dtype=jnp.float32, tiling=(4, 0, 0), split=split, split_min_weights=0)
 
   @jax.jit
-  def f(x_MxK, dy, group_sizes, group_offset):
-    return cpu.tgmm(x_MxK, dy, group_sizes, group_offset,
-                    num_actual_groups=num_actual_groups,
-                    out_dtype=jnp.float32, tiling=(4, 0, 0), split=split,
-                    split_min_weights=0)
+  def f(a, b, group_sizes, group_offset):
+    if op == "tgmm":
+      return cpu.tgmm(a, b, group_sizes, group_offset, num_actual_groups=num_local, **kw)
+    return cpu.gmm(a, b, group_sizes, group_offset, transpose_rhs=True, **kw)
   return f
 
 
+@pytest.mark.parametrize("op", ["tgmm", "gmm_t"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
                          ids=["f32", "bf16"])
 @pytest.mark.parametrize("split", [0, 4, 8, 16, None])
 @settings(max_examples=8, derandomize=True, deadline=None, database=None)
 @given(data=st.data())
-def test_cpu_tgmm_batched_split(split, dtype, data):
+def test_cpu_batched_split(op, split, dtype, data):
   """The first `split` rows of each group in one batched dot, the rest looped.
 
   Groups shorter and longer than the split, empty groups, rows past the
@@ -360,29 +362,41 @@ def test_cpu_tgmm_batched_split(split, dtype, data):
   rng = np.random.default_rng(int(sizes.sum()) + offset)
   x, dy = _rand(rng, (_M, _K), dtype), _rand(rng, (_M, _N), dtype)
   num_local = _G - offset
-  out = _cpu_tgmm_split_fn(split, num_local)(x, dy, jnp.asarray(sizes),
-                                             jnp.int32(offset))
-  _close(out, reference.tgmm(_as_f64(x.T), _as_f64(dy), sizes,
-                             group_offset=offset, num_actual_groups=num_local),
-         dtype, scale=4)
+  f = _cpu_split_fn(op, split, num_local)
+  if op == "tgmm":
+    out = f(x, dy, jnp.asarray(sizes), jnp.int32(offset))
+    want = reference.tgmm(_as_f64(x.T), _as_f64(dy), sizes, group_offset=offset,
+                          num_actual_groups=num_local)
+  else:
+    rhs = _rand(rng, (num_local, _K, _N), dtype)  # [G, n, k] for lhs dy [m, k=_N]
+    out = f(dy, rhs, jnp.asarray(sizes), jnp.int32(offset))
+    want = reference.gmm(_as_f64(dy), _as_f64(rhs), sizes, group_offset=offset,
+                         transpose_rhs=True)
+  _close(out, want, dtype, scale=4)
 
 
-def test_cpu_tgmm_split_choice():
-  """Small groups split at their size, large ones stay on the loop; small
-  weights never compile the split."""
+def test_cpu_split_choice():
+  """Small groups split at their size, large ones stay on the loop, and so do
+  Zipf-skewed groups for the transposed gmm; small weights never compile the
+  split."""
   from pallas_kernels import cpu
   cands = cpu._split_rows(8192, 16, 64, 512, 1024, cpu._SPLIT_MIN_WEIGHTS)
   assert cands == [16, 32, 64, 128, 256]
   assert cpu._split_rows(8192, 16, 8, 64, 64, cpu._SPLIT_MIN_WEIGHTS) == []
   assert cpu._split_rows(37, 4, 5, 19, 23, 0) == [4, 8, 16, 32]
 
-  def pick(sizes):
-    idx = int(cpu._pick_split(jnp.asarray(sizes, jnp.int32), cands))
+  def pick(sizes, op):
+    idx = int(cpu._pick_split(jnp.asarray(sizes, jnp.int32), cands, op))
     return ([0] + cands)[idx]
 
-  assert pick([32] * 64) == 32
-  assert pick([128] * 64) == 0
-  assert pick([1024] * 8 + [0] * 56) == 0
+  zipf = 1.0 / np.arange(1, 65)
+  zipf[32::3] = 0
+  zipf = np.floor(zipf / zipf.sum() * 2048).astype(np.int32)
+  for op in ("tgmm", "gmm_t"):
+    assert pick([32] * 64, op) == 32
+    assert pick([128] * 64, op) == 0
+    assert pick([1024] * 8 + [0] * 56, op) == 0
+  assert pick(zipf, "gmm_t") == 0
 
 
 def test_cpu_fresh_zeros_are_positive_zero_for_any_operand():
