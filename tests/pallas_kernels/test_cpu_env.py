@@ -19,9 +19,13 @@ def test_env_rules():
   env = cpu_env.hugepage_env(base)
   if env is None:
     pytest.skip("not glibc on Linux with transparent huge pages available")
-  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  heap = ":".join(cpu_env.HEAP_TUNABLES)
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": f"glibc.malloc.hugetlb=1:{heap}"}
   other = cpu_env.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-  assert other["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert other["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:{heap}"
+  own = cpu_env.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"})
+  assert own["GLIBC_TUNABLES"] == ("glibc.malloc.trim_threshold=0:glibc.malloc.hugetlb=1:"
+                                   "glibc.malloc.mmap_threshold=33554432")
   assert cpu_env.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # user's choice
   assert cpu_env.hugepage_env({"MOEJAX_HUGEPAGES": "0"}) is None
 
@@ -44,4 +48,5 @@ def test_reexecutes_once_with_same_pid_and_arguments(tmp_path):
                        capture_output=True, text=True).stdout.splitlines()
   pid = out[0].split()[0]
   assert out == [f"{pid} None ['a b', '--x=1']",
-                 f"{pid} glibc.malloc.hugetlb=1 ['a b', '--x=1']", "main"]
+                 f"{pid} glibc.malloc.hugetlb=1:{':'.join(cpu_env.HEAP_TUNABLES)} ['a b', '--x=1']",
+                 "main"]

@@ -15,7 +15,8 @@ exchanges them with the other devices of its 'expert' group:
 - `dropless`: slots are sorted by expert, per-expert counts are exchanged
   (`all_gather` over 'expert'), the rows go to their expert shard with
   `ragged_all_to_all` (offsets from `ragged_offsets`), the local experts run
-  as one grouped matmul (`pallas_kernels.gmm` with `group_offset`), and the
+  as one grouped SwiGLU (`pallas_kernels.grouped_swiglu` with
+  `group_offset`), and the
   reverse exchange brings the rows home. XLA:CPU has no `ragged_all_to_all`;
   there `emulated_ragged_all_to_all` moves the same rows through a padded
   `all_to_all` with a worst-case (A_loc rows per peer) buffer, writing
