@@ -18,29 +18,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-import pallas_kernels as pk
 import gmm_reference as reference
+import kernel_cases as cases
+import pallas_kernels as pk
 
-_ACCELERATOR_BACKENDS = {"mosaic_tpu": "tpu", "triton": "gpu"}
-# Small tiles for the Pallas kernels: several row tiles, straddled groups,
-# partial tiles in m, k and n at the shapes used below.
-_TILING = {"interpret": (8, 16, 16), "interpret_triton": (16, 16, 16),
-           "mosaic_tpu": (16, 128, 128), "triton": (16, 16, 16),
-           "cpu": (4, 16, 16), "xla": None}
 _TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2.5e-2}
-_SETTINGS = settings(max_examples=20, derandomize=True, deadline=None,
-                     database=None)
 
 
-def _param(name: str):
-  platform = _ACCELERATOR_BACKENDS.get(name)
-  skip = platform is not None and jax.default_backend() != platform
-  return pytest.param(name, id=name, marks=pytest.mark.skipif(
-      skip, reason=f"backend {name!r} needs a {platform} device; this "
-      f"machine runs on {jax.default_backend()}"))
-
-
-@pytest.fixture(params=[_param(b) for b in pk.BACKENDS])
+@pytest.fixture(params=[pytest.param(b, id=b, marks=cases.skip_unless_available(b))
+                        for b in pk.BACKENDS])
 def backend(request) -> str:
   return request.param
 
@@ -53,7 +39,7 @@ def _gmm_fn(backend: str, transpose_rhs: bool, num_total_groups: int | None):
   @jax.jit
   def f(lhs, rhs, group_sizes, group_offset):
     return pk.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
-                  group_offset=group_offset, tiling=_TILING[backend],
+                  group_offset=group_offset, tiling=cases.TILING[backend],
                   backend=backend)
   return f
 
@@ -64,7 +50,7 @@ def _tgmm_fn(backend: str, num_actual_groups: int):
   def f(lhs_KxM, rhs, group_sizes, group_offset):
     return pk.tgmm(lhs_KxM, rhs, group_sizes, group_offset=group_offset,
                    num_actual_groups=num_actual_groups,
-                   tiling=_TILING[backend], backend=backend)
+                   tiling=cases.TILING[backend], backend=backend)
   return f
 
 
@@ -72,7 +58,7 @@ def _tgmm_fn(backend: str, num_actual_groups: int):
 def _grad_fn(backend: str, transpose_rhs: bool):
   def loss(lhs, rhs, group_sizes, group_offset, dout):
     out = pk.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
-                 group_offset=group_offset, tiling=_TILING[backend],
+                 group_offset=group_offset, tiling=cases.TILING[backend],
                  backend=backend)
     return jnp.sum(out.astype(jnp.float32) * dout)
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -83,26 +69,7 @@ def _rand(rng, shape, dtype):
 
 
 def _close(actual, expected, dtype, scale: float = 1.0):
-  tol = _TOL[dtype] * scale
-  expected = np.asarray(expected, np.float64)
-  atol = tol * max(1.0, float(np.abs(expected).max(initial=0.0)))
-  np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
-                             rtol=tol, atol=atol)
-
-
-def _as_f64(x):
-  return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-
-
-@st.composite
-def _group_sizes(draw, num_groups: int, m: int):
-  """Random sizes with empty groups, sum <= m (often == m or well below)."""
-  cuts = sorted(draw(st.lists(st.integers(0, m), min_size=num_groups,
-                              max_size=num_groups)))
-  sizes = np.diff([0] + cuts).astype(np.int32)
-  zero_mask = draw(st.lists(st.booleans(), min_size=num_groups,
-                            max_size=num_groups))
-  return np.where(zero_mask, 0, sizes).astype(np.int32)
+  cases.close(actual, expected, _TOL[dtype] * scale)
 
 
 # m=37, k=19, n=23: not multiples of any tile.
@@ -118,12 +85,12 @@ def test_gmm_random_group_sizes(backend, dtype, transpose_rhs):
   rhs = _rand(rng, (_G, _N, _K) if transpose_rhs else (_G, _K, _N), dtype)
   f = _gmm_fn(backend, transpose_rhs, None)
 
-  @_SETTINGS
-  @given(_group_sizes(_G, _M))
+  @cases.SETTINGS
+  @given(cases.group_sizes(_G, _M))
   def check(sizes):
     out = f(lhs, rhs, jnp.asarray(sizes), jnp.int32(0))
     assert out.shape == (_M, _N) and out.dtype == dtype
-    _close(out, reference.gmm(_as_f64(lhs), _as_f64(rhs), sizes,
+    _close(out, reference.gmm(cases.as_f64(lhs), cases.as_f64(rhs), sizes,
                               transpose_rhs=transpose_rhs), dtype)
 
   check()
@@ -137,12 +104,12 @@ def test_tgmm_random_group_sizes(backend, dtype):
   rhs = _rand(rng, (_M, _N), dtype)
   f = _tgmm_fn(backend, _G)
 
-  @_SETTINGS
-  @given(_group_sizes(_G, _M))
+  @cases.SETTINGS
+  @given(cases.group_sizes(_G, _M))
   def check(sizes):
     out = f(lhs_KxM, rhs, jnp.asarray(sizes), jnp.int32(0))
     assert out.shape == (_G, _K, _N) and out.dtype == dtype
-    _close(out, reference.tgmm(_as_f64(lhs_KxM), _as_f64(rhs), sizes), dtype)
+    _close(out, reference.tgmm(cases.as_f64(lhs_KxM), cases.as_f64(rhs), sizes), dtype)
 
   check()
 
@@ -220,10 +187,10 @@ def test_eager_call_and_group_offset_int(backend):
   rhs = _rand(rng, (2, _K, _N), jnp.float32)
   sizes = np.array([3, 10, 6, 0, 11], np.int32)  # sum 30 < m.
   out = pk.gmm(lhs, rhs, jnp.asarray(sizes), group_offset=1,
-               tiling=_TILING[backend], backend=backend)
+               tiling=cases.TILING[backend], backend=backend)
   _close(out, reference.gmm(lhs, rhs, sizes, group_offset=1), jnp.float32)
   out = pk.tgmm(lhs.T, _rand(rng, (_M, _N), jnp.float32), jnp.asarray(sizes),
-                group_offset=3, num_actual_groups=2, tiling=_TILING[backend],
+                group_offset=3, num_actual_groups=2, tiling=cases.TILING[backend],
                 backend=backend, preferred_element_type=jnp.float32)
   assert out.shape == (2, _K, _N)
 
@@ -246,7 +213,7 @@ def test_gmm_gradients(backend, dtype, transpose_rhs):
     w = rhs[offset:offset + local]
     dlhs, drhs = grad(lhs, w, jnp.asarray(sizes), jnp.int32(offset), dout)
     assert dlhs.dtype == dtype and drhs.dtype == dtype
-    exp_lhs, exp_rhs = reference.gmm_grads(_as_f64(lhs), _as_f64(w), sizes,
+    exp_lhs, exp_rhs = reference.gmm_grads(cases.as_f64(lhs), cases.as_f64(w), sizes,
                                            np.asarray(dout), offset,
                                            transpose_rhs)
     _close(dlhs, exp_lhs, dtype, scale=1.5)
@@ -260,7 +227,7 @@ def test_tgmm_gradients(backend):
   sizes = np.array([8, 0, 13, 9, 4], np.int32)
   cot = _rand(rng, (_G, _K, _N), jnp.float32)
   f = lambda a, b: jnp.sum(pk.tgmm(a, b, jnp.asarray(sizes),
-                                   tiling=_TILING[backend],
+                                   tiling=cases.TILING[backend],
                                    backend=backend) * cot)
   da, db = jax.jit(jax.grad(f, argnums=(0, 1)))(x_KxM, dy)
   bounds = np.concatenate([[0], np.cumsum(sizes)])
@@ -294,9 +261,9 @@ def test_preferred_element_type(backend):
   rhs = _rand(rng, (_G, _K, _N), jnp.bfloat16)
   sizes = np.array([7, 7, 7, 7, 9], np.int32)
   out = pk.gmm(lhs, rhs, jnp.asarray(sizes), preferred_element_type=jnp.float32,
-               tiling=_TILING[backend], backend=backend)
+               tiling=cases.TILING[backend], backend=backend)
   assert out.dtype == jnp.float32
-  _close(out, reference.gmm(_as_f64(lhs), _as_f64(rhs), sizes), jnp.float32,
+  _close(out, reference.gmm(cases.as_f64(lhs), cases.as_f64(rhs), sizes), jnp.float32,
          scale=10)  # bf16 operands, float32 accumulation and output.
 
 
@@ -323,9 +290,9 @@ def test_cpu_groups_longer_than_several_top_chunks(dtype):
   lhs, rhs = _rand(rng, (m, k), dtype), _rand(rng, (5, k, n), dtype)
   dy = _rand(rng, (m, n), dtype)
   out = pk.gmm(lhs, rhs, jnp.asarray(sizes), backend="cpu")
-  _close(out, reference.gmm(_as_f64(lhs), _as_f64(rhs), sizes), dtype)
+  _close(out, reference.gmm(cases.as_f64(lhs), cases.as_f64(rhs), sizes), dtype)
   out_t = pk.tgmm(lhs.T, dy, jnp.asarray(sizes), backend="cpu")
-  _close(out_t, reference.tgmm(_as_f64(lhs.T), _as_f64(dy), sizes), dtype,
+  _close(out_t, reference.tgmm(cases.as_f64(lhs.T), cases.as_f64(dy), sizes), dtype,
          scale=4)  # depth-2500 sums
 
 
@@ -344,10 +311,11 @@ def _cpu_split_fn(op: str, split: int | None, num_local: int):
   return f
 
 
-@pytest.mark.parametrize("op", ["tgmm", "gmm_t"])
+# The transposed gmm's loop alone (split 0) is what every other gmm test runs.
+@pytest.mark.parametrize("op,split", [("tgmm", s) for s in (0, 4, 8, 16, None)]
+                         + [("gmm_t", s) for s in (4, 16, None)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
                          ids=["f32", "bf16"])
-@pytest.mark.parametrize("split", [0, 4, 8, 16, None])
 @settings(max_examples=8, derandomize=True, deadline=None, database=None)
 @given(data=st.data())
 def test_cpu_batched_split(op, split, dtype, data):
@@ -357,7 +325,7 @@ def test_cpu_batched_split(op, split, dtype, data):
   live end, and a group block at an offset; None = the cost model's pick
   among all splits (the lax.switch the large-weight case compiles).
   """
-  sizes = data.draw(_group_sizes(_G, _M))
+  sizes = data.draw(cases.group_sizes(_G, _M))
   offset = data.draw(st.integers(0, 2))
   rng = np.random.default_rng(int(sizes.sum()) + offset)
   x, dy = _rand(rng, (_M, _K), dtype), _rand(rng, (_M, _N), dtype)
@@ -365,12 +333,12 @@ def test_cpu_batched_split(op, split, dtype, data):
   f = _cpu_split_fn(op, split, num_local)
   if op == "tgmm":
     out = f(x, dy, jnp.asarray(sizes), jnp.int32(offset))
-    want = reference.tgmm(_as_f64(x.T), _as_f64(dy), sizes, group_offset=offset,
+    want = reference.tgmm(cases.as_f64(x.T), cases.as_f64(dy), sizes, group_offset=offset,
                           num_actual_groups=num_local)
   else:
     rhs = _rand(rng, (num_local, _K, _N), dtype)  # [G, n, k] for lhs dy [m, k=_N]
     out = f(dy, rhs, jnp.asarray(sizes), jnp.int32(offset))
-    want = reference.gmm(_as_f64(dy), _as_f64(rhs), sizes, group_offset=offset,
+    want = reference.gmm(cases.as_f64(dy), cases.as_f64(rhs), sizes, group_offset=offset,
                          transpose_rhs=True)
   _close(out, want, dtype, scale=4)
 
@@ -449,11 +417,11 @@ def test_gradients_of_a_sum_constant_cotangent(backend):
   @jax.jit
   def grad(lhs, rhs):
     return jax.grad(lambda a, b: jnp.sum(pk.gmm(
-        a, b, jnp.asarray(sizes), tiling=_TILING[backend], backend=backend)),
+        a, b, jnp.asarray(sizes), tiling=cases.TILING[backend], backend=backend)),
         argnums=(0, 1))(lhs, rhs)
 
   dlhs, drhs = grad(lhs, rhs)
-  exp_lhs, exp_rhs = reference.gmm_grads(_as_f64(lhs), _as_f64(rhs), sizes,
+  exp_lhs, exp_rhs = reference.gmm_grads(cases.as_f64(lhs), cases.as_f64(rhs), sizes,
                                          np.ones((_M, _N)), 0, False)
   _close(dlhs, exp_lhs, jnp.float32, scale=1.5)
   _close(drhs, exp_rhs, jnp.float32, scale=1.5)

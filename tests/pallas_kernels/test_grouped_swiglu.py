@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import functools
 
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 
 import gmm_reference as reference
+import kernel_cases as cases
 import pallas_kernels as pk
 from pallas_kernels import cpu_swiglu
 
-_ACCELERATOR_BACKENDS = {"mosaic_tpu": "tpu", "triton": "gpu"}
-_INTERPRET = ("interpret", "interpret_triton")
-_TILING = {"interpret": (8, 16, 16), "interpret_triton": (16, 16, 16),
-           "mosaic_tpu": (16, 128, 128), "triton": (16, 16, 16),
-           "cpu": (4, 16, 16), "xla": None}
 _TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
-_SETTINGS = settings(max_examples=20, derandomize=True, deadline=None,
-                     database=None)
 # m=37, d=19: no tile multiples. f=23 > d (the composed path scales the
 # outputs) and f=11 < d (it scales the hidden rows).
 _M, _D, _G = 37, 19, 5
@@ -42,22 +35,18 @@ _SIZES = [np.array(s, np.int32) for s in (
 def _cases():
   """(backend, dtype, f, scale): every combination on the accelerators; on
   cpu and xla each dtype with and without scale (f alternating, so both of
-  the composed path's scale placements run); two on the Pallas
-  interpreters (their gmm kernels have their own test base)."""
+  the composed path's scale placements run); one on each Pallas
+  interpreter (their gmm kernels have their own test base)."""
   every = [(dt, f, s) for dt in (jnp.float32, jnp.bfloat16) for f in (23, 11)
            for s in (True, False)]
   pairs = [(jnp.float32, 23, True), (jnp.float32, 11, False),
            (jnp.bfloat16, 11, True), (jnp.bfloat16, 23, False)]
   for b in pk.BACKENDS:
-    platform = _ACCELERATOR_BACKENDS.get(b)
-    marks = pytest.mark.skipif(
-        platform is not None and jax.default_backend() != platform,
-        reason=f"backend {b!r} needs a {platform} device; this machine runs "
-        f"on {jax.default_backend()}")
-    combos = every if platform else pairs[::3] if b in _INTERPRET else pairs
+    combos = (every if b in cases.ACCELERATOR_BACKENDS else pairs[:1]
+              if b in cases.INTERPRET else pairs)
     for dt, f, s in combos:
-      yield pytest.param(b, dt, f, s, marks=marks, id=f"{b}-{jnp.dtype(dt).name}-f{f}-"
-                         f"{'scale' if s else 'noscale'}")
+      yield pytest.param(b, dt, f, s, marks=cases.skip_unless_available(b),
+                         id=f"{b}-{jnp.dtype(dt).name}-f{f}-{'scale' if s else 'noscale'}")
 
 
 def _operands(seed: int, f: int, dtype, m: int = _M, g: int = _G):
@@ -74,7 +63,7 @@ def _fns(backend: str, with_scale: bool):
   """Jitted (forward, grads of sum(out * dy)) with traced sizes and offset."""
   def fwd(x, wg, wu, wd, s, sizes, offset):
     return pk.grouped_swiglu(x, wg, wu, wd, sizes, scale=s if with_scale else None,
-                             group_offset=offset, tiling=_TILING[backend],
+                             group_offset=offset, tiling=cases.TILING[backend],
                              backend=backend)
 
   def loss(x, wg, wu, wd, s, sizes, offset, dy):
@@ -82,15 +71,11 @@ def _fns(backend: str, with_scale: bool):
   return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
-def _f64(a):
-  return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+_f64 = cases.as_f64
 
 
 def _close(actual, expected, dtype, scale: float = 1.0):
-  tol = _TOL[dtype] * scale
-  expected = np.asarray(expected, np.float64)
-  atol = tol * max(1.0, float(np.abs(expected).max(initial=0.0)))
-  np.testing.assert_allclose(_f64(actual), expected, rtol=tol, atol=atol)
+  cases.close(actual, expected, _TOL[dtype] * scale)
 
 
 def _check(backend, dtype, with_scale, x, ws, s, dy, sizes, offset=0):
@@ -142,22 +127,12 @@ def test_group_offset_chaining_over_shards(backend, num_shards):
   _close(ds_sum, _f64(full[4]), jnp.float32)
 
 
-@st.composite
-def _group_sizes(draw, num_groups: int, m: int):
-  """Random sizes with empty groups, sum <= m."""
-  cuts = sorted(draw(st.lists(st.integers(0, m), min_size=num_groups,
-                              max_size=num_groups)))
-  sizes = np.diff([0] + cuts).astype(np.int32)
-  empty = draw(st.lists(st.booleans(), min_size=num_groups, max_size=num_groups))
-  return np.where(empty, 0, sizes).astype(np.int32)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_cpu_fused_random_group_sizes(dtype):
   x, ws, s, dy = _operands(2, 11, dtype)
 
-  @_SETTINGS
-  @given(_group_sizes(_G, _M))
+  @cases.SETTINGS
+  @given(cases.group_sizes(_G, _M))
   def run(sizes):
     _check("cpu", dtype, True, x, ws, s, dy, sizes)
   run()
