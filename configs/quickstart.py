@@ -1,6 +1,6 @@
 """Quickstart: a 4-layer byte-level MoE LM (E=8, k=2) on the King James Bible.
 
-Command (2-core CPU, ~4 minutes including compilation):
+Command (2-core CPU, ~2-4 minutes including compilation):
   python -m experiments                                  # MoE, into runs/quickstart-moe-<time>
   python -m experiments --config configs/quickstart.py:dense   # dense baseline
 
