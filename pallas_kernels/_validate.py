@@ -92,6 +92,19 @@ def check_group_offset(group_offset: Any, num_total: int,
   return jnp.asarray(group_offset, jnp.int32).reshape(())
 
 
+def check_group_block(group_sizes: Any, m: int, num_local: int, group_offset: Any,
+                      holder: str, allowed: str) -> jax.Array:
+  """Group sizes for m rows, a block of num_local groups that fits in them,
+  and its offset (returned as an int32 scalar). `holder` names what holds
+  the block in the error ("rhs holds"), `allowed` its count ("rhs.shape[0]")."""
+  check_group_sizes(group_sizes, m)
+  num_total = group_sizes.shape[0]
+  if num_local > num_total:
+    raise ValueError(f"{holder} {num_local} groups but group_sizes has only "
+                     f"{num_total}; allowed: {allowed} <= len(group_sizes)")
+  return check_group_offset(group_offset, num_total, num_local)
+
+
 def check_tiling(tiling: Any) -> tuple[int, int, int] | None:
   if tiling is None:
     return None

@@ -174,13 +174,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         f"rhs has shape {tuple(rhs.shape)}: its contracting dim "
         f"({'2' if transpose_rhs else '1'}, transpose_rhs={transpose_rhs}) is "
         f"{rhs_k} but lhs has k={k}; allowed: equal sizes")
-  _validate.check_group_sizes(group_sizes, m)
-  if rhs.shape[0] > group_sizes.shape[0]:
-    raise ValueError(f"rhs holds {rhs.shape[0]} groups but group_sizes has only"
-                     f" {group_sizes.shape[0]}; allowed: rhs.shape[0] <= "
-                     "len(group_sizes)")
-  offset = _validate.check_group_offset(group_offset, group_sizes.shape[0],
-                                        rhs.shape[0])
+  offset = _validate.check_group_block(group_sizes, m, rhs.shape[0], group_offset,
+                                      "rhs holds", "rhs.shape[0]")
   out_dtype = _validate.out_dtype(preferred_element_type, lhs.dtype)
   tiling = _validate.check_tiling(tiling)
   sizes = _common.normalize_group_sizes(jnp.asarray(group_sizes), m)

@@ -150,6 +150,25 @@ def _opaque(*operands: jax.Array) -> tuple[jax.Array, ...]:
   return lax.optimization_barrier(operands)
 
 
+def _write_rows(buf: jax.Array, value: jax.Array, row0: jax.Array,
+                keep: jax.Array | None = None) -> jax.Array:
+  """buf[row0:row0 + c] = value (c = len(value)), keeping buf's rows where
+  `keep` (a head chunk's row mask) is False."""
+  if keep is not None:
+    old = lax.dynamic_slice_in_dim(buf, row0, value.shape[0], 0)
+    mask = keep.reshape(keep.shape + (1,) * (value.ndim - 1))
+    value = jnp.where(mask, value, old)
+  return lax.dynamic_update_slice_in_dim(buf, value, row0, 0)
+
+
+def _write_group(buf_GxAxB: jax.Array, j: jax.Array, value: jax.Array,
+                 first: bool) -> jax.Array:
+  """buf[j] = value (a group's first chunk: no read) or buf[j] += value."""
+  if not first:
+    value = lax.dynamic_index_in_dim(buf_GxAxB, j, 0, keepdims=False) + value
+  return lax.dynamic_update_index_in_dim(buf_GxAxB, value, j, 0)
+
+
 def _prepare_rows(x: jax.Array, classes: list[int]) -> jax.Array:
   """Pads tiny inputs so the smallest chunk fits."""
   return _common.pad_axis(x, 0, max(x.shape[0], classes[0]))
@@ -252,13 +271,10 @@ def gmm(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes: jax.Array,
                              preferred_element_type=jnp.float32)
 
     def head(c_rows, row0, keep, out):
-      old = lax.dynamic_slice_in_dim(out, row0, c_rows, 0)
-      new = jnp.where(keep[:, None], product(c_rows, row0), old)
-      return lax.dynamic_update_slice_in_dim(out, new, row0, 0)
+      return _write_rows(out, product(c_rows, row0), row0, keep)
 
     def top(row0, out):
-      return lax.dynamic_update_slice_in_dim(out, product(classes[-1], row0),
-                                             row0, 0)
+      return _write_rows(out, product(classes[-1], row0), row0)
 
     return _for_each_chunk(start, end, classes, m_rows, head, top, out_MxN)
 
@@ -312,10 +328,6 @@ def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,
     return lax.dot_general(xs, ys, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32)
 
-  def accumulate(j, out, update):
-    prev = lax.dynamic_index_in_dim(out, j, 0, keepdims=False)
-    return lax.dynamic_update_index_in_dim(out, prev + update, j, 0)
-
   def loop(first_G, out_GxKxN, after_split: bool):
     def group_body(j, start, end, out):
       # Without a split the head chunk writes group j's slot without reading
@@ -323,12 +335,10 @@ def tgmm(x_MxK: jax.Array, dy_MxN: jax.Array, group_sizes: jax.Array,
       # accumulator costs an extra [k, n] pass per chunk).
       def head(c_rows, row0, keep, out):
         p = product(c_rows, row0, keep[:, None])
-        if after_split:
-          return accumulate(j, out, p)
-        return lax.dynamic_update_index_in_dim(out, p, j, 0)
+        return _write_group(out, j, p, first=not after_split)
 
       def top(row0, out):
-        return accumulate(j, out, product(classes[-1], row0))
+        return _write_group(out, j, product(classes[-1], row0), first=False)
 
       return _for_each_chunk(start, end, classes, m_rows, head, top, out)
     return _for_each_nonempty_group(first_G, ends, group_body, out_GxKxN)

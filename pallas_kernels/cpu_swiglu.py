@@ -39,20 +39,13 @@ def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _write(buf, value, row0, keep=None):
-  """buf[row0:row0 + c] = value, keeping buf's rows where keep is False."""
-  if keep is not None:
-    old = lax.dynamic_slice_in_dim(buf, row0, value.shape[0], 0)
-    mask = keep.reshape(keep.shape + (1,) * (value.ndim - 1))
-    value = jnp.where(mask, value, old)
-  return lax.dynamic_update_slice_in_dim(buf, value, row0, 0)
-
-
-def _accumulate(buf_GxAxB, j, value, first: bool):
-  """buf[j] = value (first chunk of group j) or buf[j] += value."""
-  if not first:
-    value = lax.dynamic_index_in_dim(buf_GxAxB, j, 0, keepdims=False) + value
-  return lax.dynamic_update_index_in_dim(buf_GxAxB, value, j, 0)
+def _each_chunk(chunk, start, end, classes: list[int], m_rows: int, carry):
+  """`cpu._for_each_chunk` with one body: chunk(c_rows, row0, carry, keep),
+  keep = the head chunk's row mask, None for the full top chunks."""
+  return cpu._for_each_chunk(
+      start, end, classes, m_rows,
+      lambda c_rows, row0, keep, c: chunk(c_rows, row0, c, keep),
+      lambda row0, c: chunk(classes[-1], row0, c, None), carry)
 
 
 def _rows(m: int, tiling) -> tuple[list[int], int]:
@@ -75,7 +68,7 @@ def forward(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, scale_M, group_sizes,
   def group_body(j, start, end, carry):
     wgj, wuj, wdj = (cpu._group_weights(w, j) for w in (wg, wu, wd))
 
-    def chunk(c_rows, row0, carry, keep=None):
+    def chunk(c_rows, row0, carry, keep):
       xc = lax.dynamic_slice_in_dim(x, row0, c_rows, 0)
       g, u = _dot(xc, wgj), _dot(xc, wuj)
       h = jax.nn.silu(g) * u
@@ -83,12 +76,9 @@ def forward(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, scale_M, group_sizes,
         h = h * lax.dynamic_slice_in_dim(s, row0, c_rows, 0)[:, None]
       y = _dot(h.astype(cdt), wdj)
       outs = (y, g, u) if residuals else (y,)
-      return tuple(_write(b, o, row0, keep) for b, o in zip(carry, outs))
+      return tuple(cpu._write_rows(b, o, row0, keep) for b, o in zip(carry, outs))
 
-    return cpu._for_each_chunk(
-        start, end, classes, m_rows,
-        lambda c_rows, row0, keep, c: chunk(c_rows, row0, c, keep),
-        lambda row0, c: chunk(classes[-1], row0, c), carry)
+    return _each_chunk(chunk, start, end, classes, m_rows, carry)
 
   bufs = [cpu._fresh_zeros((m_rows, d), x, wd)]
   if residuals:
@@ -102,7 +92,7 @@ def forward(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, scale_M, group_sizes,
 def backward(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, scale_M, group_sizes,
              group_offset, g_MxF, u_MxF, dy_MxD, *, cdt, has_scale: bool,
              tiling):
-  """(dx [m, d], dWg, dWu, dWd, ds [m]), all float32."""
+  """(dx [m, d], dWg, dWu, dWd, ds [m]), all float32; ds is zero without scale."""
   m, d = x_MxD.shape
   num_local, _, f = wg_GxDxF.shape
   classes, m_rows = _rows(m, tiling)
@@ -117,7 +107,7 @@ def backward(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, scale_M, group_sizes,
   def group_body(j, start, end, carry):
     wgj, wuj, wdj = (cpu._group_weights(w, j) for w in (wg, wu, wd))
 
-    def chunk(c_rows, row0, carry, keep=None):
+    def chunk(c_rows, row0, carry, keep):
       dx_buf, ds_buf, dwg_buf, dwu_buf, dwd_buf = carry
       rows = [lax.dynamic_slice_in_dim(a, row0, c_rows, 0)
               for a in (x, g_all, u_all, dy, s)]
@@ -138,17 +128,13 @@ def backward(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, scale_M, group_sizes,
       dg = (dh * u * (sig * (1 + g * (1 - sig)))).astype(cdt)
       dx = _dot(dg, wgj, _NT) + _dot(du, wuj, _NT)
       first = keep is not None  # the head chunk comes first in its group
-      carry = (_write(dx_buf, dx, row0, keep),
-               _write(ds_buf, ds, row0, keep) if has_scale else ds_buf,
-               _accumulate(dwg_buf, j, _dot(xc, dg, _T), first),
-               _accumulate(dwu_buf, j, _dot(xc, du, _T), first),
-               _accumulate(dwd_buf, j, dwd, first))
-      return carry
+      return (cpu._write_rows(dx_buf, dx, row0, keep),
+              cpu._write_rows(ds_buf, ds, row0, keep) if has_scale else ds_buf,
+              cpu._write_group(dwg_buf, j, _dot(xc, dg, _T), first),
+              cpu._write_group(dwu_buf, j, _dot(xc, du, _T), first),
+              cpu._write_group(dwd_buf, j, dwd, first))
 
-    return cpu._for_each_chunk(
-        start, end, classes, m_rows,
-        lambda c_rows, row0, keep, c: chunk(c_rows, row0, c, keep),
-        lambda row0, c: chunk(classes[-1], row0, c), carry)
+    return _each_chunk(chunk, start, end, classes, m_rows, carry)
 
   zeros = cpu._fresh_zeros
   init = (zeros((m_rows, d), x, dy), zeros((m_rows,), s, dy),

@@ -66,8 +66,6 @@ def _fused_bwd(cdt, has_scale, tiling, res, dy):
   dx, dwg, dwu, dwd, ds = cpu_swiglu.backward(
       x, wg, wu, wd, scale, sizes, offset, g, u, dy, cdt=cdt,
       has_scale=has_scale, tiling=tiling)
-  if not has_scale:
-    ds = jnp.zeros_like(scale)
   zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
   return (dx.astype(x.dtype), dwg.astype(wg.dtype), dwu.astype(wu.dtype),
           dwd.astype(wd.dtype), ds.astype(scale.dtype), zero(sizes),
@@ -135,14 +133,8 @@ def grouped_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                                 w_down.dtype)
   else:
     cdt = _validate.check_dtype("compute_dtype", compute_dtype)
-  _validate.check_group_sizes(group_sizes, m)
-  num_local = w_gate.shape[0]
-  if num_local > group_sizes.shape[0]:
-    raise ValueError(f"the weights hold {num_local} groups but group_sizes "
-                     f"has only {group_sizes.shape[0]}; allowed: G <= "
-                     "len(group_sizes)")
-  offset = _validate.check_group_offset(group_offset, group_sizes.shape[0],
-                                        num_local)
+  offset = _validate.check_group_block(group_sizes, m, w_gate.shape[0], group_offset,
+                                      "the weights hold", "G")
   tiling = _validate.check_tiling(tiling)
   sizes = _common.normalize_group_sizes(jnp.asarray(group_sizes), m)
   if backend != "cpu":
