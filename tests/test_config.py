@@ -5,7 +5,9 @@ from __future__ import annotations
 import ml_collections
 import pytest
 
-from moejax.config import ConfigError, default_config, validate
+from moejax.checks import ConfigError
+from moejax.config import default_config
+from moejax.validation import validate
 from moejax.train import trainer
 from tests.conftest import tiny_config
 

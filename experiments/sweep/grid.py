@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import ml_collections
 
-from moejax.config import ConfigError, validate
+from moejax.checks import ConfigError
+from moejax.validation import validate
 
 Point = dict[str, Any]
 

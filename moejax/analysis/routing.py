@@ -49,7 +49,8 @@ import ml_collections
 import numpy as np
 
 from moejax import model as lm
-from moejax.model.transformer import layer_plan
+from moejax import layout
+from moejax.layout import layer_plan
 from moejax.moe.types import SoftAssignment
 from moejax.train import data as data_lib
 
@@ -216,7 +217,7 @@ def _routing_fn(frozen: ml_collections.FrozenConfigDict):
   @jax.jit
   def fn(variables, ids_BxL):
     _, inter = model.apply(variables, ids_BxL, mutable=["intermediates"])
-    return inter["intermediates"]["moe_layers"]["block0"]["moe"]["routing"][0]
+    return layout.get(inter["intermediates"], layout.MOE_PATH + ("routing",))[0]
 
   return fn
 

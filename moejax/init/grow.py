@@ -11,9 +11,10 @@ Which experts are duplicated (`init.grow_select`):
       most important experts are duplicated first and no copy's share of
       importance is much above another's.
 
-Both are one pure gather: `grow_params(params, src_PxE, noise, rng)` makes
-grown expert j of MoE period p a copy of source expert src_PxE[p, j] (weights
-and router column), plus N(0, noise^2) on every router column.
+Both are one pure gather: `grow_params(params, src_PxE, noise, rng, family)`
+makes grown expert j of MoE period p a copy of source expert src_PxE[p, j]
+(every leaf of the expert family, along the expert axis it declares, and the
+router column), plus N(0, noise^2) on every router column.
 
 Why the forward pass is unchanged at the switch (top-k fixed): with plain
 softmax-then-top-k, tied copies split their expert's probability and a
@@ -32,7 +33,7 @@ balancing loss, computed over all experts, spreads tokens over the copies.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +41,28 @@ import ml_collections
 import numpy as np
 import optax
 
-ROUTER_KEYS = ("w_gate",)
+from moejax import layout
+from moejax.config import default_config
+from moejax.moe.experts import ExpertFamily, get_family
+
+ROUTER_KEYS = ("w_gate",)  # the plain topk router's only leaf
 SELECTS = ("all", "importance")
-GROUP_PATH = ("moe_layers", "block0", "moe", "router", "group")
+GROUP_PATH = layout.ROUTER_PATH + ("group",)
 
 
 def _moe(params: dict) -> dict:
-  if "moe_layers" not in params:
+  if not layout.has(params, layout.MOE_PATH):
     raise ValueError("the source run has no MoE layers to grow (init.grow_from needs an MoE run)")
-  return params["moe_layers"]["block0"]["moe"]
+  return layout.moe_params(params)
+
+
+def _family(family: ExpertFamily | None) -> ExpertFamily:
+  """The given family, or the default `moe.expert`'s."""
+  return family or get_family(default_config().moe)
 
 
 def num_periods(params: dict) -> int:
-  return int(_moe(params)["router"]["w_gate"].shape[0])
+  return int(_moe(params)[layout.ROUTER]["w_gate"].shape[0])
 
 
 def all_copies(num_experts: int, periods: int, factor: int) -> np.ndarray:
@@ -87,10 +97,7 @@ def source_groups(src_cfg: ml_collections.ConfigDict, collections: dict,
   """group_PxE: the group of each of the source run's experts, per MoE period."""
   topk = src_cfg.moe.topk
   if topk.grown_groups > 0:
-    node: Any = collections["moe_state"]
-    for k in GROUP_PATH:
-      node = node[k]
-    return np.asarray(node, np.int64)
+    return np.asarray(layout.get(collections["moe_state"], GROUP_PATH, "moe_state"), np.int64)
   return np.tile(np.arange(src_cfg.moe.num_experts) // topk.copies, (periods, 1))
 
 
@@ -119,49 +126,49 @@ def expert_importance(src_cfg: ml_collections.ConfigDict, params: dict, collecti
 
   total, n = None, 0
   for b in batches:
-    g = _moe(grad(params, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"])))["experts"]
+    g = _moe(grad(params, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"])))[layout.EXPERTS]
     total = g if total is None else jax.tree.map(jnp.add, total, g)
     n += 1
   if not n:
     raise ValueError("init.grow_batches must give at least one calibration batch")
-  experts = _moe(params)["experts"]
-  taylor = [jnp.sum((w * gw / n).reshape(w.shape[:2] + (-1,)), axis=-1)
-            for w, gw in zip(jax.tree.leaves(experts), jax.tree.leaves(total))]
+  experts = _moe(params)[layout.EXPERTS]
+  taylor = []
+  for name, leaf in get_family(src_cfg.moe).leaves().items():
+    # Leaves are [P, ...] with the expert axis at 1 + leaf.expert_axis.
+    prod = jnp.moveaxis(experts[name] * total[name] / n, 1 + leaf.expert_axis, 1)
+    taylor.append(jnp.sum(prod.reshape(prod.shape[:2] + (-1,)), axis=-1))
   return np.abs(np.asarray(sum(taylor)))
 
 
 def grow_params(params: dict, src_PxE: np.ndarray, noise: float = 0.0,
-                rng: jax.Array | None = None) -> dict:
-  """params with MoE period p's expert j a copy of source expert src_PxE[p, j]."""
+                rng: jax.Array | None = None, family: ExpertFamily | None = None) -> dict:
+  """params with MoE period p's expert j a copy of source expert src_PxE[p, j].
+
+  `family` (default: the default `moe.expert`'s) declares each expert leaf's axis.
+  """
   moe = _moe(params)
-  extra = set(moe["router"]) - set(ROUTER_KEYS)
+  extra = set(moe[layout.ROUTER]) - set(ROUTER_KEYS)
   if extra:
     raise ValueError(f"growing supports the plain topk router (w_gate only); this router "
                      f"also has {sorted(extra)} (config key moe.topk.noise must be 'none')")
   idx = jnp.asarray(src_PxE, jnp.int32)
   if idx.shape[0] != num_periods(params):
     raise ValueError(f"src_PxE has {idx.shape[0]} rows for {num_periods(params)} MoE periods")
-  take = jax.vmap(lambda a, i: a[i])
-  experts = {k: take(v, idx) for k, v in moe["experts"].items()}
-  w_PxDxE = jax.vmap(lambda w, i: w[:, i])(moe["router"]["w_gate"], idx)
+  leaves = _family(family).leaves()
+  experts = {k: jax.vmap(lambda a, i, ax=leaves[k].expert_axis: jnp.take(a, i, axis=ax))(v, idx)
+             for k, v in moe[layout.EXPERTS].items()}
+  w_PxDxE = jax.vmap(lambda w, i: w[:, i])(moe[layout.ROUTER]["w_gate"], idx)
   if noise > 0:
     rng = jax.random.key(0) if rng is None else rng
     w_PxDxE = w_PxDxE + noise * jax.random.normal(rng, w_PxDxE.shape, w_PxDxE.dtype)
-  out: dict[str, Any] = dict(params)
-  stack = dict(params["moe_layers"])
-  block0 = dict(stack["block0"])
-  block0["moe"] = {**moe, "experts": experts, "router": {"w_gate": w_PxDxE}}
-  stack["block0"] = block0
-  out["moe_layers"] = stack
-  return out
+  return layout.replace(params, layout.MOE_PATH, {**moe, layout.EXPERTS: experts,
+                                                  layout.ROUTER: {"w_gate": w_PxDxE}})
 
 
 def set_groups(collections: dict, group_PxE: np.ndarray) -> dict:
   """`collections` with the "group" state of the grown router replaced."""
-  def put(tree: dict, path: tuple[str, ...]) -> dict:
-    if len(path) == 1:
-      if path[0] not in tree:
-        raise ValueError("the grown config has no group state (moe.topk.grown_groups must be > 0)")
-      return {**tree, path[0]: jnp.asarray(group_PxE, jnp.int32)}
-    return {**tree, path[0]: put(tree[path[0]], path[1:])}
-  return {**collections, "moe_state": put(collections["moe_state"], GROUP_PATH)}
+  state = collections.get("moe_state", {})
+  if not layout.has(state, GROUP_PATH):
+    raise ValueError("the grown config has no group state (moe.topk.grown_groups must be > 0)")
+  return {**collections, "moe_state": layout.replace(state, GROUP_PATH,
+                                                     jnp.asarray(group_PxE, jnp.int32))}

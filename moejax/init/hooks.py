@@ -25,10 +25,11 @@ import numpy as np
 import optax
 
 from moejax.init import grow
-from moejax.init.layout import layer_location
+from moejax.layout import layer_location
 from moejax.init.sources import load_run, run_config
 from moejax.init.upcycle import upcycle_params
 from moejax.moe import adapters as ad
+from moejax.moe.experts import get_family
 from moejax.train import data as data_lib
 
 
@@ -75,7 +76,7 @@ def initial_variables(cfg: ml_collections.ConfigDict, variables: dict) -> dict:
   """Fresh `variables` (lm.init) rebuilt from the source run the config names."""
   init = cfg.get("init")
   params = variables["params"]
-  collections = {k: v for k, v in variables.items() if k not in ("params", ad.AUX_COLLECTION)}
+  collections = {k: v for k, v in variables.items() if k != "params"}
   rng = jax.random.fold_in(jax.random.key(cfg.seed), 7919)
   if init is not None and init.from_dense:
     dense, _, _ = load_run(init.from_dense, init.step)
@@ -113,7 +114,8 @@ def _grown(cfg: ml_collections.ConfigDict, params: dict, collections: dict,
           f"{[np.bincount(r, minlength=score_PxE.shape[1]).tolist() for r in src_PxE]}")
   else:
     src_PxE = grow.all_copies(src_cfg.moe.num_experts, p, init.grow_factor)
-  params = _same_shapes(grow.grow_params(src, src_PxE, init.grow_noise, rng), params, what)
+  params = _same_shapes(grow.grow_params(src, src_PxE, init.grow_noise, rng,
+                                        get_family(cfg.moe)), params, what)
   if cfg.moe.topk.get("grown_groups", 0) > 0:
     group_PxE = grow.source_groups(src_cfg, src_collections, p)
     collections = grow.set_groups(collections, np.take_along_axis(group_PxE, src_PxE, axis=1))

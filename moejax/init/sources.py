@@ -1,6 +1,6 @@
 """Reading source run directories: their config, compatibility checks and parameters.
 
-A source run is any run directory (DESIGN section 4): `config.json` plus
+A source run is any run directory (docs/architecture.md, "The run directory"): `config.json` plus
 orbax checkpoints. Only its config and the "params" / "collections" entries
 of one checkpoint are read, so runs made by any trainer version work.
 """
@@ -14,6 +14,7 @@ import ml_collections
 
 from moejax.config import flat_keys, with_defaults
 from moejax.init.grow import grown_grouping
+from moejax.layout import layer_plan
 
 # Keys that shape the parameters: a source run must agree on them.
 MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "tie_embeddings")
@@ -59,7 +60,6 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config key moe.expert_hidden={fe} / moe.num_experts={e} are invalid "
                        f"with init.upcycle='split': expert_hidden must divide the dense "
                        f"ffn_hidden={f} and num_experts must be a multiple of {f}/{fe}")
-    from moejax.model.transformer import layer_plan  # noqa: PLC0415
     n_dense, _ = layer_plan(cfg)
     if (n_dense or cfg.moe.every > 1) and cfg.model.ffn_hidden != f:  # dense layers kept
       raise ValueError(f"config key model.ffn_hidden={cfg.model.ffn_hidden} must equal the "

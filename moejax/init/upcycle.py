@@ -41,21 +41,37 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax.init.layout import is_moe_layer, layer_location
+from moejax.config import default_config
+from moejax.layout import DENSE_STACK, EXPERTS, MOE, ROUTER, is_moe_layer, layer_location
+from moejax.moe.experts import ExpertFamily, get_family
 
 MODES = ("copy", "split")
-FFN_KEYS = ("w_gate", "w_up", "w_down")
 
 
 def ffn_to_experts(ffn: dict[str, Any], num_experts: int, expert_hidden: int,
-                   mode: str) -> dict[str, np.ndarray]:
-  """One dense SwiGLU {w_gate [D,F], w_up [D,F], w_down [F,D]} -> experts [E, ...]."""
-  f = ffn["w_gate"].shape[-1]
+                   mode: str, family: ExpertFamily | None = None) -> dict[str, np.ndarray]:
+  """One dense FFN (the family's leaves without E, e.g. SwiGLU's w_gate [D,F],
+  w_up [D,F], w_down [F,D]) -> the family's expert leaves [E, ...].
+
+  The family's declaration says where each leaf's expert and F axes are and
+  which leaves produce the output (scaled by the slice count in split mode);
+  `family` defaults to the default `moe.expert` (SwiGLU, the dense FFN's form).
+  """
+  family = family or get_family(default_config().moe)
+  leaves = family.leaves()
+  if set(ffn) != set(leaves):
+    raise ValueError(f"config key moe.expert={family.name!r} is invalid for upcycling: its "
+                     f"experts have leaves {sorted(leaves)}, the dense FFN {sorted(ffn)}; "
+                     "upcycle into the dense FFN's own family")
+  first = next(k for k, leaf in leaves.items() if "F" in leaf.dims)
+  lf = leaves[first]
+  f = np.shape(ffn[first])[[x for x in lf.dims if x != "E"].index("F")]
   if mode == "copy":
     if expert_hidden != f:
       raise ValueError(f"config key moe.expert_hidden={expert_hidden} is invalid for "
                        f"init.upcycle='copy': must equal the dense ffn_hidden={f}")
-    return {k: np.repeat(np.asarray(ffn[k])[None], num_experts, axis=0) for k in FFN_KEYS}
+    return {k: np.repeat(np.expand_dims(np.asarray(ffn[k]), leaf.expert_axis), num_experts,
+                         axis=leaf.expert_axis) for k, leaf in leaves.items()}
   if mode != "split":
     raise ValueError(f"config key init.upcycle={mode!r} is invalid: allowed: {list(MODES)}")
   if f % expert_hidden:
@@ -66,12 +82,20 @@ def ffn_to_experts(ffn: dict[str, Any], num_experts: int, expert_hidden: int,
     raise ValueError(f"config key moe.num_experts={num_experts} is invalid for "
                      f"init.upcycle='split': must be a multiple of ffn_hidden / "
                      f"expert_hidden = {g} slices")
-  gate = np.asarray(ffn["w_gate"]).reshape(-1, g, expert_hidden).transpose(1, 0, 2)
-  up = np.asarray(ffn["w_up"]).reshape(-1, g, expert_hidden).transpose(1, 0, 2)
-  down = np.asarray(ffn["w_down"]).reshape(g, expert_hidden, -1) * g
   reps = num_experts // g  # expert e = r * G + slice
-  return {"w_gate": np.tile(gate, (reps, 1, 1)), "w_up": np.tile(up, (reps, 1, 1)),
-          "w_down": np.tile(down, (reps, 1, 1))}
+  out = {}
+  for k, leaf in leaves.items():
+    w = np.asarray(ffn[k])
+    ea = leaf.expert_axis
+    if "F" not in leaf.dims:  # e.g. an output bias: every slice expert keeps it
+      out[k] = np.repeat(np.expand_dims(w, ea), num_experts, axis=ea)
+      continue
+    fa = [x for x in leaf.dims if x != "E"].index("F")
+    slices = np.stack(np.split(w, g, axis=fa), axis=ea)
+    if leaf.output:  # the G slices' outputs, weighted 1/G each, sum to the dense output
+      slices = slices * g
+    out[k] = np.concatenate([slices] * reps, axis=ea)
+  return out
 
 
 def attention_to_experts(attn: dict[str, Any], num_experts: int,
@@ -119,13 +143,14 @@ def upcycle_params(dense_params: dict, moe_params: dict, moe_cfg: ml_collections
   for key in ("embed", "head", "final_norm"):
     if key in out:
       out[key] = jax.tree.map(lambda a, b: _checked(a, b, key), src[key], out[key])
-  layers = src["dense_layers"]["block0"]
+  layers = src[DENSE_STACK]["block0"]
   n_src = layers["attn_norm"]["scale"].shape[0]
   n = moe_cfg.model.num_layers
   if n_src != n:
     raise ValueError(f"config key model.num_layers={n} does not match the dense run's "
                      f"{n_src} layers")
   m = moe_cfg.moe
+  family = get_family(m)
   attn_experts = moe_cfg.model.get("attn_experts", 0)
   for i in range(n):
     stack, block, idx = layer_location(moe_cfg, i)
@@ -145,15 +170,16 @@ def upcycle_params(dense_params: dict, moe_params: dict, moe_cfg: ml_collections
         dst[name][k][idx] = _checked(v, dst[name][k][idx], f"{name}/{k}")
     if is_moe_layer(moe_cfg, i):
       if router == "zero":
-        dst["moe"]["router"] = jax.tree.map(np.zeros_like, dst["moe"]["router"])
-      experts = ffn_to_experts(layer["ffn"], m.num_experts, m.expert_hidden, mode)
-      for j, k in enumerate(FFN_KEYS):
-        w = _noisy(experts[k], noise, jax.random.fold_in(rng, 3 * i + j))
-        dst["moe"]["experts"][k][idx] = _checked(w, dst["moe"]["experts"][k][idx],
-                                                 f"experts/{k}")
+        dst[MOE][ROUTER] = jax.tree.map(np.zeros_like, dst[MOE][ROUTER])
+      experts = ffn_to_experts(layer["ffn"], m.num_experts, m.expert_hidden, mode, family)
+      for j, (k, leaf) in enumerate(family.leaves().items()):
+        w = np.moveaxis(experts[k], leaf.expert_axis, 0)  # noise is relative to expert 0
+        w = np.moveaxis(_noisy(w, noise, jax.random.fold_in(rng, 3 * i + j)), 0,
+                        leaf.expert_axis)
+        dst[MOE][EXPERTS][k][idx] = _checked(w, dst[MOE][EXPERTS][k][idx], f"experts/{k}")
     else:
-      for k in FFN_KEYS:
-        dst["ffn"][k][idx] = _checked(layer["ffn"][k], dst["ffn"][k][idx], f"ffn/{k}")
+      for k, v in layer["ffn"].items():
+        dst["ffn"][k][idx] = _checked(v, dst["ffn"][k][idx], f"ffn/{k}")
   return jax.tree.map(jnp.asarray, out)
 
 

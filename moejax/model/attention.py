@@ -19,9 +19,44 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.aux_losses import AuxLoss
+from moejax.checks import fail, is_int, positive, refuse_constant_gate
 from moejax.layers import DTYPES, dot, fan_in_init, linear
 from moejax.moe.losses import router_z_loss, switch_load_balance
 from moejax.moe.routers.topk import topk_route
+
+
+def aux_losses(cfg) -> tuple[AuxLoss, ...]:
+  """The attention experts' router losses (reported by every layer), if there are any."""
+  if not cfg.model.get("attn_experts", 0):
+    return ()
+  return (AuxLoss("attn_load_balance", "model.attn_aux_loss_weight", per_moe_layer=False),
+          AuxLoss("attn_z_loss", "model.attn_z_loss_weight", per_moe_layer=False))
+
+
+def check_config(cfg) -> None:
+  """model.attn_* (mixture of attention experts) and init.upcycle_attention."""
+  m, init = cfg.model, cfg.get("init")
+  e = m.get("attn_experts", 0)
+  if not is_int(e) or e < 0:
+    fail("model.attn_experts", e, "must be an integer >= 0 (0 = plain attention)")
+  if e:
+    k = m.attn_top_k
+    if not is_int(k) or not 1 <= k <= e:
+      fail("model.attn_top_k", k, f"must be an integer in [1, model.attn_experts={e}]")
+    for key in ("model.attn_aux_loss_weight", "model.attn_z_loss_weight"):
+      positive(cfg, key, allow_zero=True)
+    refuse_constant_gate("model.attn_top_k", k, "model.attn_renormalize",
+                         m.get("attn_renormalize", True), e)
+  up = init is not None and init.get("upcycle_attention", False)
+  if up and not init.from_dense:
+    fail("init.upcycle_attention", up, "needs init.from_dense (the dense run whose "
+         "attention is copied into the attention experts)")
+  if up and not e:
+    fail("init.upcycle_attention", up, "needs model.attn_experts > 0")
+  if init is not None and init.from_dense and e and not up:
+    fail("model.attn_experts", e, "with init.from_dense needs init.upcycle_attention=True "
+         "(the dense attention is copied into every attention expert)")
 
 
 def rope(x_BxLxHxK: jax.Array, theta: float) -> jax.Array:

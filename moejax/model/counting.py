@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from moejax.model.transformer import layer_plan
+from moejax.layout import layer_plan
+from moejax.moe.experts import get_family
 from moejax.moe.routers import get_router
 
 
 def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
-  """Expert applications per token (moe.top_k unless the router says otherwise).
+  """Expert applications per token: the router's `experts_per_token(cfg)`.
 
-  Routers whose count is not top_k (Soft MoE's slots, expert choice's
-  capacity) define `experts_per_token(cfg)`; for adaptive routers (ReLU,
-  top-p, null experts) top_k is the nominal budget, the measured mean is the
-  `experts_per_token` metric.
+  moe.top_k unless the router says otherwise (Soft MoE's slots, expert
+  choice's capacity); for adaptive routers (ReLU, top-p, null experts) top_k
+  is the nominal budget, the measured mean is the `experts_per_token` metric.
   """
-  router = get_router(cfg.moe.router)
-  if hasattr(router, "experts_per_token"):
-    return router.experts_per_token(cfg)
-  return cfg.moe.top_k
+  return get_router(cfg.moe.router).experts_per_token(cfg)
 
 
 def attention_params(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -67,15 +64,15 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   total = active = embedding + d + n_dense_layers * dense_layer
   active -= n_dense_layers * (attn - attn_active)
   if n_periods:
-    router = get_router(moe.router)
-    expert = 3 * d * moe.expert_hidden
-    shared = moe.num_shared_experts * expert
+    router, family = get_router(moe.router), get_family(moe)
+    expert = family.param_count(d, moe.expert_hidden)
+    shared = (family.param_count(d, moe.num_shared_experts * moe.expert_hidden)
+              if moe.num_shared_experts else 0)
     base = attn + norms + router.param_count(moe, d) + shared
     total += n_periods * (base + moe.num_experts * expert)
     active += n_periods * (base - attn + attn_active + experts_per_token(cfg) * expert)
-    if hasattr(router, "shared_param_count"):
-      total += router.shared_param_count(moe, d)
-      active += router.shared_param_count(moe, d)
+    total += router.shared_param_count(moe, d)
+    active += router.shared_param_count(moe, d)
   return {"params_total": total, "params_active": active,
           "params_embedding": embedding}
 

@@ -4,7 +4,11 @@ Layer i uses an MoE FFN iff MoE is enabled, i >= moe.first_dense_layers and
 (i - first_dense_layers) % moe.every == 0. The first_dense_layers layers run
 as one scanned stack; the rest as a scanned stack of identical "periods" of
 moe.every layers (one MoE layer followed by every-1 dense layers), so compile
-time does not grow with depth.
+time does not grow with depth (moejax/layout.py: where they live).
+
+Auxiliary losses (the MoE layers', the attention experts', the adapters')
+come out of every block the same way, unweighted and by name, and the model
+returns them in aux["losses"] (moejax/aux_losses.py weights and sums them).
 """
 
 from __future__ import annotations
@@ -17,26 +21,57 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax import layout
+from moejax.aux_losses import AuxLoss
+from moejax.checks import choice, fail, positive
 from moejax.layers import DTYPES, RMSNorm, SwiGLU, dot, linear
+from moejax.model import attention as attention_lib
 from moejax.model.attention import AttentionExperts, CausalAttention
 from moejax.moe import MoELayer
-from moejax.moe.adapters import AUX_COLLECTION as ADAPTER_AUX
+from moejax.moe import adapters as adapters_lib
+from moejax.moe import layer as moe_layer
 from moejax.moe.adapters import MASK_COLLECTION as ADAPTER_MASK
 from moejax.moe.adapters import make_adapter
 from moejax.moe.routers import get_router
 
-ATTN_LOSSES = ("attn_load_balance", "attn_z_loss")  # AttentionExperts' router losses
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def aux_losses(cfg: ml_collections.ConfigDict) -> dict[str, AuxLoss]:
+  """{name: AuxLoss} of every auxiliary loss the model of `cfg` reports."""
+  out: dict[str, AuxLoss] = {}
+  for loss in (*moe_layer.aux_losses(cfg), *attention_lib.aux_losses(cfg),
+               *adapters_lib.aux_losses(cfg)):
+    if loss.name in out:
+      raise ValueError(f"auxiliary loss {loss.name!r} is declared twice")
+    out[loss.name] = loss
+  return out
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """model.* keys (attention experts by moejax/model/attention.py)."""
+  m = cfg.model
+  for key in ("model.d_model", "model.num_layers", "model.num_heads",
+              "model.ffn_hidden", "model.vocab_size", "model.rope_theta"):
+    positive(cfg, key)
+  choice(m.dtype, "model.dtype", COMPUTE_DTYPES)
+  if m.d_model % m.num_heads:
+    fail("model.num_heads", m.num_heads, f"must divide model.d_model={m.d_model}")
+  if (m.d_model // m.num_heads) % 2:
+    fail("model.num_heads", m.num_heads,
+         f"head dim d_model/num_heads={m.d_model // m.num_heads} must be even for RoPE")
+  attention_lib.check_config(cfg)
 
 
 class Block(nn.Module):
   """Pre-norm residual block: x + Attn(norm x); x + FFN(norm x).
 
-  The carry is (x [B, L, D], router carry, attention-expert losses); the
-  router carry is state a router passes from one MoE layer to the next (the
-  layerwise recurrent router's hidden state) and `shared` holds router
-  weights shared by all layers; both are empty for other routers. With
-  model.attn_experts > 0 the attention is a mixture of attention experts and
-  the third entry sums its (unweighted) router losses over layers; else {}.
+  The carry is (x [B, L, D], router carry); the router carry is state a
+  router passes from one MoE layer to the next (the layerwise recurrent
+  router's hidden state) and `shared` holds router weights shared by all
+  layers; both are empty for other routers. Returns (carry, {"losses":
+  this block's unweighted auxiliary losses, "moe": the MoE layer's aux or
+  None}).
   """
 
   cfg: ml_collections.FrozenConfigDict
@@ -45,36 +80,50 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, Any], token_ids_BxL: jax.Array,
-               shared: dict) -> tuple[tuple[jax.Array, Any], dict | None]:
-    x_BxLxD, router_carry, attn_losses = carry
+               shared: dict) -> tuple[tuple[jax.Array, Any], dict]:
+    x_BxLxD, router_carry = carry
     m = self.cfg.model
     out_scale = 1.0 / math.sqrt(2 * m.num_layers)
+    losses: dict[str, jax.Array] = {}
     a_in = RMSNorm(name="attn_norm")(x_BxLxD)
     if m.get("attn_experts", 0):  # mixture of attention experts (MoA)
-      h, losses = AttentionExperts(m.num_heads, m.attn_experts, m.attn_top_k, m.attn_shared_kv,
-                                   m.rope_theta, m.dtype, out_scale,
-                                   m.get("attn_renormalize", True), name="attn")(a_in)
-      attn_losses = {k: attn_losses[k] + v for k, v in losses.items()}
+      h, attn_losses = AttentionExperts(
+          m.num_heads, m.attn_experts, m.attn_top_k, m.attn_shared_kv, m.rope_theta, m.dtype,
+          out_scale, m.get("attn_renormalize", True), name="attn")(a_in)
+      losses.update(attn_losses)
     else:
       h = CausalAttention(m.num_heads, m.rope_theta, m.dtype, out_scale, name="attn")(a_in)
     if (adapter := make_adapter(self.cfg, "attn")) is not None:  # moe.adapters
-      h = h + adapter(a_in)
+      delta, ad_losses = adapter(a_in)
+      h = h + delta
+      losses = _add(losses, ad_losses)
     x_BxLxD = x_BxLxD + h
     z = RMSNorm(name="ffn_norm")(x_BxLxD)
-    aux = None
+    moe_aux = None
     if self.use_moe:
-      h, aux, router_carry = MoELayer(self.cfg.moe, m.dtype, out_scale, name="moe")(
+      h, moe_aux, router_carry = MoELayer(self.cfg.moe, m.dtype, out_scale, name=layout.MOE)(
           z, token_ids_BxL=token_ids_BxL, router_carry=router_carry, shared=shared,
           deterministic=self.deterministic)
+      losses.update(moe_aux.pop("losses"))
     else:
       h = SwiGLU(m.ffn_hidden, m.dtype, out_scale, name="ffn")(z)
     if (adapter := make_adapter(self.cfg, "ffn")) is not None:  # moe.adapters
-      h = h + adapter(z)
-    return (x_BxLxD + h, router_carry, attn_losses), aux
+      delta, ad_losses = adapter(z)
+      h = h + delta
+      losses = _add(losses, ad_losses)
+    return (x_BxLxD + h, router_carry), {"losses": losses, "moe": moe_aux}
+
+
+def _add(a: dict, b: dict) -> dict:
+  return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {**a, **b}}
 
 
 class Period(nn.Module):
-  """`n` consecutive blocks; the first is an MoE block iff `first_moe`."""
+  """`n` consecutive blocks; the first is an MoE block iff `first_moe`.
+
+  Returns (carry, {"losses": {name: [blocks reporting it]}, "moe": block0's
+  MoE aux or None}).
+  """
 
   cfg: ml_collections.FrozenConfigDict
   n: int
@@ -86,41 +135,35 @@ class Period(nn.Module):
     block = Block
     if self.cfg.model.remat:
       block = nn.remat(Block, prevent_cse=False)
-    aux = None
+    per_block, moe_aux = [], None
     for j in range(self.n):
-      carry, a = block(self.cfg, self.first_moe and j == 0, self.deterministic,
-                       name=f"block{j}")(carry, token_ids_BxL, shared)
-      aux = a if a is not None else aux
-    return carry, aux
+      carry, out = block(self.cfg, self.first_moe and j == 0, self.deterministic,
+                         name=f"block{j}")(carry, token_ids_BxL, shared)
+      per_block.append(out["losses"])
+      moe_aux = out["moe"] if out["moe"] is not None else moe_aux
+    names = sorted({k for losses in per_block for k in losses})
+    losses = {k: jnp.stack([ls[k] for ls in per_block if k in ls]) for k in names}
+    return carry, {"losses": losses, "moe": moe_aux}
 
 
 def _scanned(cfg, length: int, n: int, first_moe: bool, deterministic: bool,
              name: str) -> nn.Module:
   stack = nn.scan(Period, variable_axes={"params": 0, "moe_state": 0, "balance": 0,
-                                          "intermediates": 0, ADAPTER_MASK: 0,
-                                          ADAPTER_AUX: 0},
+                                          "intermediates": 0, ADAPTER_MASK: 0},
                   split_rngs={"params": True, "router": True},
                   in_axes=(nn.broadcast, nn.broadcast), length=length,
                   metadata_params={nn.PARTITION_NAME: "layers"})
   return stack(cfg, n, first_moe, deterministic, name=name)
 
 
-def layer_plan(cfg) -> tuple[int, int]:
-  """(number of leading dense layers, number of periods of moe.every layers)."""
-  m, moe = cfg.model, cfg.moe
-  if not moe.enabled:
-    return m.num_layers, 0
-  return moe.first_dense_layers, (m.num_layers - moe.first_dense_layers) // moe.every
-
-
 class TransformerLM(nn.Module):
   """ids [B, L] -> (logits [B, L, V] float32, aux).
 
-  aux = {"losses": {name: [num_moe_layers]}, "metrics": {name: [num_moe_layers, ...]},
-         "state_stats": {name: [num_moe_layers, ...]}} (empty dicts for a dense model);
-  state_stats feed the routers' non-trained state updates (moejax.moe.state).
-  With model.attn_experts > 0, aux["attn_losses"] = {name: scalar}: the
-  attention experts' router losses summed over layers, already weighted.
+  aux = {"losses": {name: [layers reporting it] (layer order), unweighted},
+         "metrics": {name: [num_moe_layers, ...]},
+         "state_stats": {name: [num_moe_layers, ...]}, "balance_counts": [num_moe_layers, E]
+         or None} (empty dicts for a dense model); state_stats feed the routers'
+  non-trained state updates (moejax.moe.state).
   """
 
   cfg: ml_collections.FrozenConfigDict
@@ -132,28 +175,30 @@ class TransformerLM(nn.Module):
     embed = self.param("embed", nn.initializers.normal(0.02),
                        (m.vocab_size, m.d_model))
     x = jnp.take(embed, ids_BxL, axis=0)
-    n_dense, n_periods = layer_plan(self.cfg)
-    attn_losses = ({k: jnp.zeros((), jnp.float32) for k in ATTN_LOSSES}
-                   if m.get("attn_experts", 0) else {})
-    carry, shared = (x, {}, attn_losses), {}
+    n_dense, n_periods = layout.layer_plan(self.cfg)
+    carry, shared = (x, None), {}
     if n_periods:
       router = get_router(self.cfg.moe.router)
-      if getattr(router, "uses_carry", False):
-        b, l = ids_BxL.shape
-        carry = (x, router.init_carry(b * l, self.cfg.moe), attn_losses)
-        shared = router.make_shared(self, m.d_model, self.cfg.moe)
+      b, l = ids_BxL.shape
+      carry = (x, router.init_carry(b * l, self.cfg.moe))
+      shared = router.make_shared(self, m.d_model, self.cfg.moe)
+    outs = []
     if n_dense:
-      carry, _ = _scanned(self.cfg, n_dense, 1, False, self.deterministic,
-                          "dense_layers")(carry, ids_BxL, shared)
-    aux = {"losses": {}, "metrics": {}, "state_stats": {}, "balance_counts": None}
+      carry, out = _scanned(self.cfg, n_dense, 1, False, self.deterministic,
+                            layout.DENSE_STACK)(carry, ids_BxL, shared)
+      outs.append(out)
+    aux = {"metrics": {}, "state_stats": {}, "balance_counts": None}
     if n_periods:
-      carry, aux = _scanned(self.cfg, n_periods, self.cfg.moe.every, True,
-                            self.deterministic, "moe_layers")(carry, ids_BxL, shared)
-    if attn_losses:  # summed over layers, weighted by model.attn_*_weight
-      w = {"attn_load_balance": m.attn_aux_loss_weight, "attn_z_loss": m.attn_z_loss_weight}
-      aux = {**aux, "attn_losses": {k: w[k] * v for k, v in carry[2].items()}}
-    x = carry[0]
-    x = RMSNorm(name="final_norm")(x)
+      carry, out = _scanned(self.cfg, n_periods, self.cfg.moe.every, True,
+                            self.deterministic, layout.MOE_STACK)(carry, ids_BxL, shared)
+      outs.append(out)
+      aux = dict(out["moe"])
+    per_name: dict[str, list[jax.Array]] = {}
+    for out in outs:  # stacks in layer order; within one, [length, blocks] row-major
+      for k, v in out["losses"].items():
+        per_name.setdefault(k, []).append(v.reshape(-1))
+    aux["losses"] = {k: jnp.concatenate(v) for k, v in per_name.items()}
+    x = RMSNorm(name="final_norm")(carry[0])
     if m.tie_embeddings:
       logits = dot("bld,vd->blv", x, embed, DTYPES[m.dtype])
     else:

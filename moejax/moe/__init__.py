@@ -1,4 +1,4 @@
-"""The MoE layer and its parts (DESIGN section 2)."""
+"""The MoE layer and its parts (docs/architecture.md)."""
 
 from moejax.moe.layer import MoELayer
 from moejax.moe.types import Assignment, SoftAssignment

@@ -18,9 +18,10 @@ stacks, so every layer holds max_l n_l experts and a non-trained
 experts get router logit -1e9 (probability exactly 0), are never chosen, and
 get no gradient. Layers that are not adapted have n_l = 0 and add nothing.
 The balancing loss is the switch loss over a layer's valid experts (1 at
-perfect balance); the z-loss is ST-MoE's over the valid logits. Both are
-sown into the "adapter_aux" collection (`apply_with_adapter_losses` reads
-them) and come out already weighted by `moe.adapters.*_weight`.
+perfect balance); the z-loss is ST-MoE's over the valid logits (both from
+moejax/moe/losses.py). The module returns them unweighted with its output;
+they travel with every other auxiliary loss (declared in `aux_losses`,
+weighted by `moe.adapters.aux_loss_weight` / `z_loss_weight`).
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.aux_losses import AuxLoss
+from moejax.checks import ConfigError, positive, refuse_constant_gate
 from moejax.layers import fan_in_init
+from moejax.moe.losses import router_z_loss, switch_load_balance
 from moejax.moe.routers.topk import topk_route
 
 ALLOCATIONS = ("uniform", "increasing", "decreasing", "custom")
 TARGETS = ("ffn", "attn")
 MASK_COLLECTION = "adapter_mask"
-AUX_COLLECTION = "adapter_aux"
 MODULE_NAMES = {"ffn": "ffn_adapter", "attn": "attn_adapter"}
 MASKED_LOGIT = -1e9
 
@@ -168,25 +171,52 @@ def balance_losses(counts_E: jax.Array, probs_TxE: jax.Array, logits_TxE: jax.Ar
                    valid_E: jax.Array) -> dict[str, jax.Array]:
   """(switch balance over the n valid experts, z-loss); zeros for a layer with none."""
   n = jnp.sum(valid_E.astype(jnp.float32))
-  f_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
-  p_E = jnp.mean(probs_TxE, axis=0)
-  z_T = jax.nn.logsumexp(logits_TxE, axis=-1)
   live = (n > 0).astype(jnp.float32)
-  return {"balance": live * n * jnp.sum(f_E * p_E), "z_loss": live * jnp.mean(z_T * z_T)}
+  return {"adapter_balance": live * switch_load_balance(probs_TxE, counts_E, n),
+          "adapter_z_loss": live * router_z_loss(logits_TxE)}
+
+
+def aux_losses(cfg: ml_collections.ConfigDict) -> tuple[AuxLoss, ...]:
+  """The adapter experts' losses (reported by every layer; 0 where not adapted)."""
+  if adapters_cfg(cfg) is None:
+    return ()
+  return (AuxLoss("adapter_balance", "moe.adapters.aux_loss_weight", per_moe_layer=False),
+          AuxLoss("adapter_z_loss", "moe.adapters.z_loss_weight", per_moe_layer=False))
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """moe.adapters.* values (the base run itself is checked by moejax/init/checks.py)."""
+  a = cfg.moe.get("adapters")
+  if a is None or not a.enabled:
+    return
+  for key in ("moe.adapters.rank", "moe.adapters.top_k", "moe.adapters.num_experts",
+              "moe.adapters.alpha"):
+    positive(cfg, key)
+  for key in ("moe.adapters.aux_loss_weight", "moe.adapters.z_loss_weight"):
+    positive(cfg, key, allow_zero=True)
+  try:
+    parse_targets(a.targets)
+    per_layer = allocate_experts(a, cfg.model.num_layers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  refuse_constant_gate("moe.adapters.top_k", a.top_k, "moe.adapters.renormalize",
+                       a.get("renormalize", True), max(per_layer))
 
 
 class AdapterExperts(nn.Module):
-  """`num_experts` (padded) LoRA experts + router on [B, L, D] -> delta [B, L, D] float32."""
+  """`num_experts` (padded) LoRA experts + router on [B, L, D].
+
+  Returns (delta [B, L, D] float32, unweighted losses `balance_losses`).
+  """
 
   num_experts: int
   rank: int
   top_k: int
   alpha: float
-  aux_weights: tuple[float, float] = (0.0, 0.0)  # (balance, z-loss)
   renormalize: bool = True
 
   @nn.compact
-  def __call__(self, z_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, z_BxLxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     b, l, d = z_BxLxD.shape
     e, r = self.num_experts, self.rank
     valid_E = self.variable(MASK_COLLECTION, "valid", lambda: jnp.ones((e,), bool)).value
@@ -201,11 +231,7 @@ class AdapterExperts(nn.Module):
     y_TxD = jnp.einsum("ter,erd->td", h_TxExR * combine_TxE[:, :, None], b_ExRxD)
     y_TxD = y_TxD * (self.alpha / r)
     losses = balance_losses(counts_E, probs_TxE, logits_TxE, valid_E)
-    wb, wz = self.aux_weights
-    self.sow(AUX_COLLECTION, "losses", {"adapter_balance": wb * losses["balance"],
-                                        "adapter_z_loss": wz * losses["z_loss"]},
-             init_fn=dict, reduce_fn=lambda _, new: new)
-    return y_TxD.reshape(b, l, d)
+    return y_TxD.reshape(b, l, d), losses
 
 
 def make_adapter(cfg: ml_collections.FrozenConfigDict, target: str) -> AdapterExperts | None:
@@ -214,8 +240,7 @@ def make_adapter(cfg: ml_collections.FrozenConfigDict, target: str) -> AdapterEx
   if a is None or target not in parse_targets(a.targets):
     return None
   return AdapterExperts(max(layer_counts(cfg)), a.rank, a.top_k, a.alpha,
-                        (a.aux_loss_weight, a.z_loss_weight), a.get("renormalize", True),
-                        name=MODULE_NAMES[target])
+                        a.get("renormalize", True), name=MODULE_NAMES[target])
 
 
 # --- what the trainer needs: trainable-parameter selection, masks, losses ----
@@ -259,23 +284,6 @@ def merge_trainable(params: dict, trainable: dict) -> dict:
   for k, v in trainable.items():
     out[k] = v if k in MODULE_NAMES.values() else merge_trainable(params[k], v)
   return out
-
-
-def apply_with_adapter_losses(model: nn.Module, variables: dict, ids_BxL: jax.Array,
-                              cfg: ml_collections.ConfigDict, **kwargs):
-  """model.apply with frozen base params and the adapter losses in aux["adapter_losses"].
-
-  Without adapters this is model.apply. The losses are weighted sums over layers.
-  """
-  if adapters_cfg(cfg) is None:
-    return model.apply(variables, ids_BxL, **kwargs)
-  variables = {**variables, "params": freeze_base(variables["params"])}
-  (logits, aux), sown = model.apply(variables, ids_BxL, mutable=[AUX_COLLECTION], **kwargs)
-  totals: dict[str, jax.Array] = {}
-  for leaf_path, v in jax.tree_util.tree_flatten_with_path(sown[AUX_COLLECTION])[0]:
-    name = leaf_path[-1].key
-    totals[name] = totals.get(name, 0.0) + jnp.sum(v)
-  return logits, {**aux, "adapter_losses": totals}
 
 
 def count_leaves(tree: Any) -> int:

@@ -1,11 +1,16 @@
-"""The MoE feed-forward layer: router -> dispatcher -> experts -> combine.
+"""The MoE feed-forward layer: router -> assignment -> dispatcher -> experts -> combine.
 
-Config (`moe.*`): num_experts, top_k, router, dispatch, capacity_factor,
-expert_hidden (F of each routed expert), num_shared_experts (dense SwiGLU
-experts every token uses, DeepSeekMoE), aux_loss_weight, z_loss_weight and
-the router's own options under `moe.<router>`. A router returning a
+Config (`moe.*`): num_experts, top_k, router, expert (the expert family),
+dispatch, capacity_factor, expert_hidden (F of each routed expert),
+num_shared_experts (dense experts of the same family every token uses,
+DeepSeekMoE), balance / aux_loss_weight / z_loss_weight and the router's
+and the family's own options under `moe.<name>`. A router returning a
 `SoftAssignment` (soft) is applied by the soft dispatcher whatever
 `moe.dispatch` is, and reports load 1/E per expert and E experts per token.
+
+What the layer reports is declared: `aux_losses(cfg)` (the balancing losses
+of `moe.balance`, the z-loss and the router's own) and `metric_schema(cfg)`
+(`LAYER_METRICS` plus the router's), so nothing downstream keeps a list.
 """
 
 from __future__ import annotations
@@ -17,24 +22,79 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import DTYPES, SwiGLU
+from moejax.aux_losses import AuxLoss
+from moejax.checks import ConfigError, choice, fail, positive, reraise
+from moejax.layers import DTYPES
 from moejax.moe import losses as moe_losses
 from moejax.moe import metrics as moe_metrics
-from moejax.moe.dispatch import expert_parallel, get_dispatcher
+from moejax.moe import experts as expert_families
+from moejax.moe.dispatch import DISPATCHERS, expert_parallel, get_dispatcher
 from moejax.moe.dispatch.soft import soft_dispatch
-from moejax.moe.experts import Experts
-from moejax.moe.routers import get_router
+from moejax.moe.experts import Experts, SharedExperts, get_family
+from moejax.moe.metrics import LAYER_METRICS, Metric
+from moejax.moe.routers import ROUTERS, get_router
 from moejax.moe.types import SoftAssignment
 
 
+def aux_losses(cfg: ml_collections.ConfigDict) -> tuple[AuxLoss, ...]:
+  """The auxiliary losses every MoE layer of `cfg` reports (none for a dense model)."""
+  if not cfg.moe.enabled:
+    return ()
+  balance = tuple(AuxLoss(moe_losses.BALANCE_KINDS[k], "moe.aux_loss_weight")
+                  for k in moe_losses.balance_kinds(cfg.moe))
+  return (*balance, AuxLoss("z_loss", "moe.z_loss_weight"),
+          *get_router(cfg.moe.router).aux_losses(cfg.moe))
+
+
+def metric_schema(cfg: ml_collections.ConfigDict) -> tuple[Metric, ...]:
+  """The metrics every MoE layer of `cfg` reports: the layer's, then the router's."""
+  if not cfg.moe.enabled:
+    return ()
+  out = (*LAYER_METRICS, *get_router(cfg.moe.router).metrics(cfg.moe))
+  names = [m.name for m in out]
+  if len(set(names)) != len(names):
+    raise ValueError(f"moe.router={cfg.moe.router!r} declares metrics {names} with a "
+                     "name used twice")
+  return out
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """moe.* keys (each router's and the family's options by their own checks)."""
+  moe, m = cfg.moe, cfg.model
+  for key in ("moe.aux_loss_weight", "moe.z_loss_weight", "moe.num_shared_experts",
+              "moe.first_dense_layers"):
+    positive(cfg, key, allow_zero=True)
+  if not moe.enabled:
+    return
+  choice(moe.router, "moe.router", ROUTERS)
+  choice(moe.dispatch, "moe.dispatch", DISPATCHERS)
+  for key in ("moe.num_experts", "moe.top_k", "moe.capacity_factor",
+              "moe.expert_hidden", "moe.every"):
+    positive(cfg, key)
+  if moe.top_k > moe.num_experts:
+    fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}")
+  reraise(moe_losses.balance_kinds, moe)
+  expert_families.check_config(cfg)
+  for name, router in ROUTERS.items():  # every router's options; cross-key rules if chosen
+    router.check_config(cfg, name == moe.router)
+  if moe.first_dense_layers > m.num_layers:
+    fail("moe.first_dense_layers", moe.first_dense_layers,
+         f"must be <= model.num_layers={m.num_layers}")
+  rest = m.num_layers - moe.first_dense_layers
+  if rest == 0 or rest % moe.every:
+    fail("moe.every", moe.every,
+         f"must divide model.num_layers - moe.first_dense_layers = {rest} (> 0)")
+  import pallas_kernels  # noqa: PLC0415 (kept local: only MoE runs need it)
+  choice(moe.gmm_backend, "moe.gmm_backend", ("auto",) + tuple(pallas_kernels.BACKENDS))
+
+
 class MoELayer(nn.Module):
-  """Routed SwiGLU experts (plus optional shared experts) on [B, L, D] inputs.
+  """Routed experts of the configured family (plus optional shared experts) on [B, L, D].
 
   Returns (y [B, L, D] float32, aux, router carry) with aux = {"losses":
-  auxiliary losses, "metrics": routing metrics, "state_stats": what the
-  router's non-trained state update needs}. The trainer weights
-  `load_balance` / `z_loss` with `moe.aux_loss_weight` / `moe.z_loss_weight`
-  and adds other losses (already weighted by their router) as they are.
+  unweighted auxiliary losses (those of `aux_losses`), "metrics": those of
+  `metric_schema`, "state_stats": what the router's non-trained state update
+  needs, "balance_counts": the per-choice counts of the balancing loss}.
   """
 
   cfg: ml_collections.FrozenConfigDict  # the `moe` config
@@ -71,28 +131,28 @@ class MoELayer(nn.Module):
     x_TxD = x_BxLxD.reshape(b * l, d)
     ids_T = None if token_ids_BxL is None else token_ids_BxL.reshape(b * l)
     router_cls = get_router(cfg.router)
-    extra = {}
-    if getattr(router_cls, "uses_carry", False):
-      extra = {"carry": router_carry, "shared": shared}
     route = router_cls(cfg, name="router")(
-        x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic, **extra)
+        x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic,
+        carry=router_carry, shared=shared)
     # Routing capture for moejax.analysis: a no-op unless "intermediates" is mutable.
     sown = {"assignment": route.assignment}
     if route.probs_TxE is not None:
       sown["probs_TxE"] = route.probs_TxE
     self.sow("intermediates", "routing", sown)
-    w = Experts(cfg.num_experts, cfg.expert_hidden, self.out_scale,
-                name="experts")(d)
+    family = get_family(cfg)
+    dtype = DTYPES[self.dtype]
+    experts = Experts(family, cfg.num_experts, cfg.expert_hidden, dtype, self.out_scale,
+                      name="experts")(d)
     soft = isinstance(route.assignment, SoftAssignment)
     # A SoftAssignment (Soft MoE) always goes to the soft dispatcher: the
     # sparse dispatchers named by moe.dispatch take an `Assignment`.
     dispatch = soft_dispatch if soft else get_dispatcher(cfg.dispatch)
-    if not soft:  # inside a multi-device mesh: the shard_map expert-parallel path
-      dispatch = expert_parallel.select(cfg, router_cls, b * l) or dispatch
-    y_TxD, stats = dispatch(x_TxD, route.assignment, w, dtype=DTYPES[self.dtype], cfg=cfg)
+    if not soft and router_cls.choice_major_slots:  # multi-device mesh: shard_map EP
+      dispatch = expert_parallel.select(cfg, b * l) or dispatch
+    y_TxD, stats = dispatch(x_TxD, route.assignment, experts, cfg=cfg)
     if cfg.num_shared_experts > 0:
-      y_TxD = y_TxD + SwiGLU(cfg.num_shared_experts * cfg.expert_hidden,
-                             self.dtype, self.out_scale, name="shared")(x_TxD)
+      y_TxD = y_TxD + SharedExperts(family, cfg.num_shared_experts * cfg.expert_hidden,
+                                    dtype, self.out_scale, name="shared")(x_TxD)
 
     if soft:  # every expert processes the same number of slots: uniform load
       counts_E = jnp.ones((cfg.num_experts,), jnp.float32)
@@ -107,11 +167,7 @@ class MoELayer(nn.Module):
     metrics = {**moe_metrics.load_metrics(counts_E),
                "router_entropy": zero, "top1_prob": zero,
                "experts_per_token": experts_per_token,
-               "dropped_fraction": stats["dropped_fraction"],
-               # Router-specific entries of the fixed schema; routers that have
-               # them override these in `route.metrics`.
-               "overflow_fraction": zero, "null_fraction": zero,
-               "bias_norm": zero, "l1_coef": zero}
+               "dropped_fraction": stats["dropped_fraction"]}
     balance_E = counts_E
     if route.probs_TxE is not None:
       if route.balance_counts_E is not None:
@@ -121,13 +177,22 @@ class MoELayer(nn.Module):
       metrics.update(moe_metrics.router_metrics(route.probs_TxE))
     if route.logits_TxE is not None:
       losses["z_loss"] = moe_losses.router_z_loss(route.logits_TxE)
+    _check_declared(cfg.router, "metrics", route.metrics,
+                    [m.name for m in router_cls.metrics(cfg)])
+    _check_declared(cfg.router, "losses", route.losses,
+                    [a.name for a in router_cls.aux_losses(cfg)])
     losses.update(route.losses)
-    unknown = set(route.metrics) - set(metrics)
-    if unknown:
-      raise ValueError(f"router {cfg.router!r} reports metrics {sorted(unknown)} outside "
-                       f"the MoE metric schema {sorted(metrics)}")
     metrics.update(route.metrics)
     aux = {"losses": losses, "metrics": metrics, "state_stats": route.state_stats,
            "balance_counts": balance_E.astype(jnp.float32)}
-    new_carry = route.carry if extra else router_carry
+    new_carry = route.carry if router_cls.uses_carry else router_carry
     return y_TxD.reshape(b, l, d), aux, new_carry
+
+
+def _check_declared(router: str, what: str, got: dict, declared: list[str]) -> None:
+  if sorted(got) != sorted(declared):
+    raise ValueError(f"router {router!r} returned {what} {sorted(got)} but declares "
+                     f"{sorted(declared)} (moejax/moe/routers/base.py: the router contract)")
+
+
+__all__ = ["MoELayer", "aux_losses", "check_config", "metric_schema", "ConfigError"]

@@ -6,13 +6,16 @@ import jax
 import jax.numpy as jnp
 
 
-def switch_load_balance(probs_TxE: jax.Array, counts_E: jax.Array) -> jax.Array:
+def switch_load_balance(probs_TxE: jax.Array, counts_E: jax.Array,
+                        num_experts: jax.Array | int | None = None) -> jax.Array:
   """Switch Transformer balancing loss E * sum_i f_i * P_i.
 
   f_i is the fraction of the (valid) assignments that went to expert i and
   P_i the mean router probability of expert i. Equals 1 at perfect balance.
+  `num_experts` (default: the probabilities' last dim) is the E in front, for
+  routers whose choices include masked-out experts (probability 0).
   """
-  num_experts = probs_TxE.shape[-1]
+  num_experts = probs_TxE.shape[-1] if num_experts is None else num_experts
   f_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
   p_E = jnp.mean(probs_TxE.astype(jnp.float32), axis=0)
   return num_experts * jnp.sum(f_E * p_E)

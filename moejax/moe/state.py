@@ -15,30 +15,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax import layout
 from moejax.moe.routers import get_router
-
-# Where the scanned MoE layers keep their router's variables.
-ROUTER_PATH = ("moe_layers", "block0", "moe", "router")
 
 
 def update_router_state(moe_state: dict, stats: dict,
                         cfg_moe: ml_collections.ConfigDict) -> dict:
-  """New "moe_state" collection; unchanged for routers without `update_state`."""
+  """New "moe_state" collection; unchanged for routers that declare no state or stats."""
   router = get_router(cfg_moe.router)
-  if not stats or not hasattr(router, "update_state"):
+  if not stats or not router.state_names(cfg_moe):
     return moe_state
-  node = moe_state
-  for k in ROUTER_PATH:
-    node = node[k]
-  if getattr(router, "pool_stats_over_layers", False):  # one model-wide statistic
+  node = layout.get(moe_state, layout.ROUTER_PATH, "moe_state")
+  if router.pool_stats_over_layers:  # one model-wide statistic
     stats = jax.tree.map(
         lambda v: jnp.broadcast_to(jnp.sum(v, axis=0, keepdims=True), v.shape), stats)
   frozen = ml_collections.FrozenConfigDict(cfg_moe)
   new_node = jax.vmap(lambda s, st: router.update_state(s, st, frozen))(node, stats)
-  return _replace(moe_state, ROUTER_PATH, new_node)
-
-
-def _replace(tree: dict, path: tuple[str, ...], value) -> dict:
-  if not path:
-    return value
-  return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+  return layout.replace(moe_state, layout.ROUTER_PATH, new_node)

@@ -1,4 +1,4 @@
-"""The two data types where routers meet dispatchers (DESIGN section 2)."""
+"""The two data types where routers meet dispatchers (docs/architecture.md)."""
 
 from __future__ import annotations
 

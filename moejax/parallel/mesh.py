@@ -2,10 +2,12 @@
 
 Axes ('data', 'fsdp', 'expert'), sizes from `parallel.data`, `parallel.fsdp`,
 `parallel.expert` (-1: all devices the other two leave). The batch (tokens)
-is split over all three axes; expert weights [.., E, D, F] over 'expert' on
-their E dimension (replicated over 'data' and 'fsdp'); every other
-parameter, and the optimizer state that mirrors it, over 'fsdp' on its
-largest dimension divisible by the fsdp size (replicated when none is).
+is split over all three axes; expert weights over 'expert' on the expert
+axis their family declares (moejax/moe/experts/base.py `Leaf`) and over
+'fsdp' on the dimension it declares FSDP may shard, when the fsdp size
+divides it; every other parameter, and the optimizer state that mirrors it,
+over 'fsdp' on its largest dimension divisible by the fsdp size (replicated
+when none is).
 Size checks raise `ConfigError` before anything is compiled.
 """
 
@@ -20,11 +22,27 @@ import jax
 import ml_collections
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import ConfigError
+from moejax.checks import ConfigError, fail
 from moejax.parallel.axes import AXES, TOKEN_AXES
 
-EXPERT_PARAMS = ("w_gate", "w_up", "w_down")  # the stacked [.., E, D, F] leaves
-EXPERTS_MODULE = "experts"
+from moejax.layout import EXPERTS as EXPERTS_MODULE
+from moejax.moe.experts import Leaf, get_family
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Device-independent parallel.* rules (the device count is checked by `resolve_axes`)."""
+  par = cfg.parallel
+  for axis in AXES:
+    v = par[axis]
+    if v < 1 and v != -1:
+      fail(f"parallel.{axis}", v, "must be a positive integer or -1 (all remaining devices)")
+  free = [a for a in AXES if par[a] == -1]
+  if len(free) > 1:
+    raise ConfigError("config keys " + ", ".join(f"parallel.{a}=-1" for a in free)
+                      + " are invalid: at most one parallel axis may be -1")
+  if cfg.moe.enabled and par.expert > 0 and cfg.moe.num_experts % par.expert:
+    fail("parallel.expert", par.expert,
+         f"the expert axis size must divide moe.num_experts={cfg.moe.num_experts}")
 
 
 def resolve_axes(sizes: dict[str, int], num_devices: int, *, num_experts: int | None = None,
@@ -108,14 +126,37 @@ def _path_names(path) -> list[str]:
   return names
 
 
-def param_spec(names: list[str], shape: tuple[int, ...], sizes: dict[str, int]) -> P:
-  """PartitionSpec of one parameter from its path names and shape (module docstring rules)."""
-  if (len(names) >= 2 and names[-2] == EXPERTS_MODULE and names[-1] in EXPERT_PARAMS
-      and len(shape) >= 3):
-    spec = [None] * len(shape)
-    spec[len(shape) - 3] = "expert"
-    return P(*spec)
+def default_expert_leaves() -> dict[str, Leaf]:
+  """The leaves of the default `moe.expert` family."""
+  from moejax.config import default_config  # noqa: PLC0415
+  return get_family(default_config().moe).leaves()
+
+
+def expert_leaves(cfg: ml_collections.ConfigDict) -> dict[str, Leaf]:
+  """The declared leaves of the config's expert family (empty for a dense model)."""
+  return get_family(cfg.moe).leaves() if cfg.moe.enabled else {}
+
+
+def param_spec(names: list[str], shape: tuple[int, ...], sizes: dict[str, int],
+               leaves: dict[str, Leaf] | None = None) -> P:
+  """PartitionSpec of one parameter from its path names and shape (module docstring rules).
+
+  `leaves` are the expert family's declared leaves (default: the default
+  family's); a scanned stack's leading layer axis is never sharded.
+  """
+  leaves = default_expert_leaves() if leaves is None else leaves
   f = sizes.get("fsdp", 1)
+  if len(names) >= 2 and names[-2] == EXPERTS_MODULE and names[-1] in leaves:
+    leaf = leaves[names[-1]]
+    lead = len(shape) - len(leaf.dims)
+    if lead >= 0:
+      spec = [None] * len(shape)
+      spec[lead + leaf.expert_axis] = "expert"
+      if leaf.fsdp is not None and f > 1:
+        i = lead + leaf.dims.index(leaf.fsdp)
+        if shape[i] % f == 0:
+          spec[i] = "fsdp"
+      return P(*spec)
   if f > 1:
     best = None
     for i, n in enumerate(shape):
@@ -128,10 +169,12 @@ def param_spec(names: list[str], shape: tuple[int, ...], sizes: dict[str, int]) 
   return P()
 
 
-def param_specs(params: Any, sizes: dict[str, int]) -> Any:
+def param_specs(params: Any, sizes: dict[str, int],
+                leaves: dict[str, Leaf] | None = None) -> Any:
   """Tree of PartitionSpecs matching `params` (arrays or ShapeDtypeStructs)."""
+  leaves = default_expert_leaves() if leaves is None else leaves
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: param_spec(_path_names(path), tuple(x.shape), sizes), params)
+      lambda path, x: param_spec(_path_names(path), tuple(x.shape), sizes, leaves), params)
 
 
 def _key(path) -> str:
@@ -181,8 +224,9 @@ def write_sharding(workdir: str, mesh: Mesh, params: Any, specs: Any,
       "batch": spec_json(batch_spec()),
       "params": {_key(path): {"shape": list(x.shape), "spec": spec_json(s)}
                  for (path, x), s in zip(flat, leaves)},
-      "rules": "expert weights over 'expert' on E; other params and their optimizer "
-               "moments over 'fsdp' on the largest divisible dim; batch over all axes",
+      "rules": "expert weights over 'expert' on their family's expert axis (and 'fsdp' on "
+               "the dim it declares); other params and their optimizer moments over 'fsdp' "
+               "on the largest divisible dim; batch over all axes",
   }
   path = os.path.join(workdir, name)
   with open(path, "w") as fh:

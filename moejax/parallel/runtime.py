@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import ConfigError
+from moejax.checks import ConfigError
 from moejax.parallel import mesh as mesh_lib
 
 
@@ -29,20 +29,21 @@ from moejax.parallel import mesh as mesh_lib
 class Layout:
   mesh: Mesh
   sizes: dict[str, int]
+  expert_leaves: dict = dataclasses.field(default_factory=dict)  # the family's declaration
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "Layout | None":
     sizes = mesh_lib.axes_from_config(cfg)
     if math.prod(sizes.values()) == 1 and jax.process_count() == 1:
       return None
-    return cls(mesh_lib.make_mesh(sizes), sizes)
+    return cls(mesh_lib.make_mesh(sizes), sizes, mesh_lib.expert_leaves(cfg))
 
   # ----------------------------------------------------------------- state
 
   def state_specs(self, state: dict) -> dict:
     """PartitionSpecs of the trainer state: params/opt_state per the mesh rules."""
     params = state["params"]
-    p_specs = mesh_lib.param_specs(params, self.sizes)
+    p_specs = mesh_lib.param_specs(params, self.sizes, self.expert_leaves)
     specs = {k: jax.tree.map(lambda _: P(), v) for k, v in state.items()}
     specs["params"] = p_specs
     specs["opt_state"] = mesh_lib.state_specs(state["opt_state"], params, p_specs)
@@ -89,7 +90,7 @@ class Layout:
 
   def write(self, workdir: str, params: Any) -> str:
     return mesh_lib.write_sharding(workdir, self.mesh, params,
-                                   mesh_lib.param_specs(params, self.sizes))
+                                   mesh_lib.param_specs(params, self.sizes, self.expert_leaves))
 
 
 class Placement:

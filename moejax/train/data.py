@@ -35,6 +35,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from moejax.checks import fail
+
 BOS_ID = 256
 EOS_ID = 257
 VOCAB_SIZE = 258  # byte values 0..255 plus BOS and EOS
@@ -428,6 +430,17 @@ def make_data(path: str | None, seq_len: int, val_fraction: float, seed: int) ->
     """
     data = _make_data_cached(path or "", seq_len, val_fraction, seed)
     return dataclasses.replace(data, domains=list(data.domains))
+
+
+def check_config(cfg) -> None:
+    """data.* keys (that data.path exists is checked when the data is loaded)."""
+    if not 0 < cfg.data.val_fraction < 1:
+        fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+    shards = cfg.data.shards
+    if shards < 0:
+        fail("data.shards", shards, "must be >= 0 (0 = one shard per process)")
+    if shards > 0 and cfg.train.batch_size % shards:
+        fail("data.shards", shards, f"must divide train.batch_size={cfg.train.batch_size}")
 
 
 def bits_per_byte(mean_nats_per_token: float) -> float:

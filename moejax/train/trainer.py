@@ -2,8 +2,8 @@
 
 `prepare(cfg)` validates the config and builds the data (fails fast with a
 ConfigError / ValueError before anything compiles); `train(cfg, workdir)`
-runs or resumes the run in `workdir` (DESIGN section 4) and returns the
-summary.
+runs or resumes the run in `workdir` (its format: docs/architecture.md) and
+returns the summary.
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ import ml_collections
 import numpy as np
 import optax
 
+from moejax import aux_losses as aux_lib
+from moejax import layout
 from moejax import model as lm
 from moejax.analysis import online as routing_online
-from moejax.config import config_changes, validate
+from moejax.config import config_changes
 from moejax.init import hooks as init_hooks
-from moejax.model.transformer import layer_plan
-from moejax.moe.adapters import apply_with_adapter_losses
-from moejax.moe.losses import BALANCE_LOSSES, balance_kinds
+from moejax.model.transformer import aux_losses as declared_aux_losses
+from moejax.moe import adapters
+from moejax.moe.layer import metric_schema
+from moejax.moe.losses import balance_kinds
 from moejax.moe.state import update_router_state
 from moejax.parallel import mesh as mesh_lib
 from moejax.parallel.runtime import Placement
@@ -38,10 +41,7 @@ from moejax.train.lock import workdir_lock
 from moejax.train.preemption import StopRequest
 from moejax.train.progress import Progress
 from moejax.train.writers import MetricWriter
-
-# Routing statistics summary.json reports (mean over MoE layers, last logged step).
-SUMMARY_ROUTING = ("load_cv", "load_max_over_mean", "experts_per_token", "dropped_fraction",
-                   "overflow_fraction", "null_fraction")
+from moejax.validation import validate
 
 State = dict[str, Any]  # step, params, opt_state, collections, wall_seconds
 
@@ -59,12 +59,6 @@ def prepare(cfg: ml_collections.ConfigDict) -> data_lib.LMData:
   return data
 
 
-def moe_layer_indices(cfg: ml_collections.ConfigDict) -> list[int]:
-  """Model layer index of each MoE layer, in the order aux arrays are stacked."""
-  n_dense, n_periods = layer_plan(cfg)
-  return [n_dense + p * cfg.moe.every for p in range(n_periods)]
-
-
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
                   weights_BxL: jax.Array | None = None) -> jax.Array:
   """Mean next-token cross-entropy in nats, float32 (weighted mean with weights)."""
@@ -75,38 +69,30 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   return jnp.sum(nats * weights_BxL) / jnp.sum(weights_BxL)
 
 
-# Aux loss groups that arrive already weighted: moe.adapters, model.attn_experts.
-WEIGHTED_AUX = ("adapter_losses", "attn_losses")
+def total_loss(ce: jax.Array, aux: dict, cfg: ml_collections.ConfigDict) -> jax.Array:
+  """Cross-entropy plus every auxiliary loss, weighted by its declared config key."""
+  return ce + aux_lib.total(aux["losses"], declared_aux_losses(cfg), cfg)
 
 
-def total_loss(ce: jax.Array, aux: dict, moe_cfg) -> jax.Array:
-  """Cross-entropy plus the auxiliary losses summed over MoE layers.
-
-  The balancing losses (moe.balance) are weighted by moe.aux_loss_weight,
-  `z_loss` by moe.z_loss_weight; router-specific losses come weighted by
-  their router.
-  """
-  total = ce
-  for k, v in aux["losses"].items():
-    w = (moe_cfg.aux_loss_weight if k in BALANCE_LOSSES else
-         moe_cfg.z_loss_weight if k == "z_loss" else 1.0)
-    total = total + w * jnp.sum(v)
-  for group in WEIGHTED_AUX:
-    for v in aux.get(group, {}).values():
-      total = total + v
-  return total
+def reduce_metrics(metrics: dict, cfg: ml_collections.ConfigDict, axis: int = 0) -> dict:
+  """Per-MoE-layer metrics reduced over `axis` (micro-batches) as each declares."""
+  schema = {m.name: m for m in metric_schema(cfg)}
+  return {k: schema[k].apply(v, axis) for k, v in metrics.items()}
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                     state_shardings: Any = None):
   model = lm.make_model(cfg, deterministic=False)
   schedule = lr_schedule(cfg.train)
+  frozen_base = adapters.adapters_cfg(cfg) is not None
 
   def loss_fn(params, collections, batch, rng):
-    logits, aux = apply_with_adapter_losses(model, {"params": params, **collections},
-                                            batch["inputs"], cfg, rngs={"router": rng})
+    if frozen_base:  # moe.adapters: no gradient reaches the base model
+      params = adapters.freeze_base(params)
+    logits, aux = model.apply({"params": params, **collections}, batch["inputs"],
+                              rngs={"router": rng})
     ce = cross_entropy(logits, batch["targets"], batch.get("weights"))
-    return total_loss(ce, aux, cfg.moe), (ce, aux)
+    return total_loss(ce, aux, cfg), (ce, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   n = cfg.train.grad_accum_steps
@@ -133,8 +119,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
       first = jax.tree.map(lambda a: a[0], (micro, rngs))
       shape = jax.eval_shape(layer_counts, *first)
       counts, _ = jax.lax.scan(count, jnp.zeros(shape.shape, jnp.float32), (micro, rngs))
-      collections = {**collections, "balance": {
-          "moe_layers": {"block0": {"moe": {"counts": jax.lax.stop_gradient(counts)}}}}}
+      collections = {**collections, "balance": layout.replace(
+          {}, layout.MOE_PATH, {"counts": jax.lax.stop_gradient(counts)})}
 
     def body(acc, xs):
       mb, r = xs
@@ -145,9 +131,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     grads, (ls, ces, auxs) = jax.lax.scan(body, zeros, (micro, rngs))
     mean0 = lambda t: jax.tree.map(lambda v: jnp.mean(v, axis=0), t)
     sum0 = lambda t: jax.tree.map(lambda v: jnp.sum(v, axis=0), t)
-    aux = {"losses": mean0(auxs["losses"]), "metrics": mean0(auxs["metrics"]),
+    aux = {"losses": mean0(auxs["losses"]), "metrics": reduce_metrics(auxs["metrics"], cfg),
            "state_stats": sum0(auxs["state_stats"])}
-    aux.update({g: mean0(auxs[g]) for g in WEIGHTED_AUX if g in auxs})
     return (jnp.mean(ls), (jnp.mean(ces), aux)), jax.tree.map(lambda g: g / n, grads)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
@@ -171,15 +156,14 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     metrics = {"train/loss": ce, "train/total_loss": loss, "train/grad_norm": grad_norm,
                "train/lr": schedule(state["step"]),
                "train/skipped_steps": new_state["skipped_steps"]}
-    for k, v in aux["losses"].items():
+    for k, v in aux["losses"].items():  # unweighted, summed over the layers reporting it
       metrics[f"train/{k}"] = jnp.sum(v)
-    for group in WEIGHTED_AUX:
-      for k, v in aux.get(group, {}).items():
-        metrics[f"train/{k}"] = v
+    specs = declared_aux_losses(cfg)
+    per_layer = {k: v for k, v in aux["losses"].items() if specs[k].per_moe_layer}
     if state_shardings is not None:  # keep the mesh layout step after step
       new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
     return new_state, {"scalars": metrics, "finite": finite,
-                       "moe": {**aux["losses"], **aux["metrics"]}}
+                       "moe": {**per_layer, **aux["metrics"]}}
 
   return jax.jit(step_fn, donate_argnums=0)
 
@@ -316,7 +300,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
   train_step = make_train_step(cfg, tx, place.state_shardings)
   eval_step = make_eval_step(cfg)
   val = place.batches(data.val_batches(t.batch_size, t.eval_batches))
-  layers = moe_layer_indices(cfg)
+  layers = layout.moe_layer_indices(cfg)
   prior_wall = float(state["wall_seconds"])
   progress = Progress(t.steps, start, every=t.log_every * 10)
   clock = _Clock(step=start)
@@ -410,9 +394,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
       "tokens_per_second": int(step) * tokens_per_step / max(wall, 1e-9),
   }
   summary.update(init_hooks.summary_fields(cfg, state["params"]))
-  for name in SUMMARY_ROUTING:  # mean over MoE layers at the last logged step
-    if name in last_moe:
-      summary[f"moe_{name}"] = float(np.mean(last_moe[name]))
+  for metric in metric_schema(cfg):  # reduced over MoE layers at the last logged step
+    if metric.summary and metric.name in last_moe:
+      summary[f"moe_{metric.name}"] = float(metric.apply(np.asarray(last_moe[metric.name])))
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary

@@ -278,7 +278,7 @@ def test_remote_path():
 @pytest.mark.parametrize("variant", ["moe", "smoke"])
 def test_pod_v5e64_config_fits_64_chips(variant):
   from configs.pod_v5e64 import get_config  # noqa: PLC0415
-  from moejax.config import validate  # noqa: PLC0415
+  from moejax.validation import validate  # noqa: PLC0415
   from moejax.model.counting import param_counts  # noqa: PLC0415
   from moejax.parallel.mesh import resolve_axes  # noqa: PLC0415
   cfg = get_config(variant)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax import model as lm
-from moejax.config import ConfigError, validate
+from moejax.checks import ConfigError
+from moejax.validation import validate
 from moejax.init import grow
 from moejax.init.hooks import initial_variables
 from moejax.init.sources import load_run

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax import model as lm
-from moejax.config import ConfigError, validate
+from moejax.checks import ConfigError
+from moejax.validation import validate
 from moejax.init.sources import load_run
 from moejax.init.upcycle import ffn_to_experts, upcycle_params
 from moejax.train import trainer

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax import model as lm
-from moejax.config import ConfigError, validate
+from moejax.checks import ConfigError
+from moejax.validation import validate
 from moejax.model.attention import AttentionExperts, attention_route
 from moejax.train.trainer import total_loss
 from tests.conftest import tiny_config
@@ -160,14 +161,21 @@ def test_model_is_causal():
   b, _ = lm.apply(variables, later, cfg)
   np.testing.assert_allclose(a[:, :9], b[:, :9], atol=1e-5)
   assert not np.allclose(a[:, 9:], b[:, 9:])
-  assert set(aux["attn_losses"]) == {"attn_load_balance", "attn_z_loss"}
+  # Every layer reports its attention router's losses, unweighted.
+  assert aux["losses"]["attn_load_balance"].shape == (cfg.model.num_layers,)
+  assert aux["losses"]["attn_z_loss"].shape == (cfg.model.num_layers,)
 
 
 def test_total_loss_adds_the_weighted_attention_losses():
-  aux = {"losses": {}, "attn_losses": {"attn_load_balance": jnp.float32(0.02),
-                                       "attn_z_loss": jnp.float32(0.003)}}
-  got = total_loss(jnp.float32(1.0), aux, tiny_config().moe)
+  cfg = moa_config(3, 2, False)
+  cfg.model.attn_aux_loss_weight, cfg.model.attn_z_loss_weight = 0.01, 1e-3
+  cfg.moe.enabled = False
+  aux = {"losses": {"attn_load_balance": jnp.asarray([1.5, 0.5]),
+                    "attn_z_loss": jnp.asarray([2.0, 1.0])}}
+  got = total_loss(jnp.float32(1.0), aux, cfg)
   np.testing.assert_allclose(got, 1.023, rtol=1e-6)
+  with pytest.raises(ValueError, match="not declared"):
+    total_loss(jnp.float32(1.0), {"losses": {"load_balance": jnp.ones(2)}}, cfg)
 
 
 @pytest.mark.parametrize("key,value,match", [

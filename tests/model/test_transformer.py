@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moejax import model as lm
-from moejax.model.transformer import layer_plan
+from moejax.layout import layer_plan
 from tests.conftest import tiny_config
 
 

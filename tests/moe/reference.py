@@ -146,3 +146,10 @@ def random_expert_weights(rng, e, d, f):
       "w_up": (rng.standard_normal((e, d, f)) / math.sqrt(d)).astype(np.float32),
       "w_down": (rng.standard_normal((e, f, d)) / math.sqrt(f)).astype(np.float32),
   }
+
+
+def swiglu_experts(w, dtype):
+  """`w` (NumPy or JAX SwiGLU leaves) bound as the ExpertWeights dispatchers take."""
+  import jax.numpy as jnp  # noqa: PLC0415 (the rest of this module is NumPy only)
+  from moejax.moe.experts import ExpertWeights, SwiGLUExperts  # noqa: PLC0415
+  return ExpertWeights({k: jnp.asarray(v) for k, v in w.items()}, SwiGLUExperts(), dtype)

@@ -42,7 +42,7 @@ def _jitted(name, dtype=jnp.float32, capacity_factor=1.25, backend="auto"):
 def _jitted_cached(name, dtype, capacity_factor, backend):
   fn = get_dispatcher(name)
   cfg = _cfg(capacity_factor, backend)
-  return jax.jit(lambda x, a, w: fn(x, a, w, dtype=dtype, cfg=cfg))
+  return jax.jit(lambda x, a, w: fn(x, a, ref.swiglu_experts(w, dtype), cfg=cfg))
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,7 +358,7 @@ def _loss_fn(name):
 
   def loss(x, w, weight, a, ct):
     a = a.replace(weight=weight)
-    y, _ = fn(x, a, w, dtype=jnp.float32, cfg=cfg)
+    y, _ = fn(x, a, ref.swiglu_experts(w, jnp.float32), cfg=cfg)
     return jnp.sum(y * ct)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

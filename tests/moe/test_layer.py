@@ -19,9 +19,9 @@ from . import reference as ref
 B, L, D, F = 2, 7, 8, 16  # T = 14 tokens
 
 LOSS_KEYS = {"load_balance", "z_loss"}
+# The layer's own metrics; the top-k router declares none of its own.
 METRIC_KEYS = {"load", "load_max_over_mean", "load_cv", "router_entropy",
-               "top1_prob", "experts_per_token", "dropped_fraction",
-               "overflow_fraction", "null_fraction", "bias_norm", "l1_coef"}
+               "top1_prob", "experts_per_token", "dropped_fraction"}
 
 
 def _cfg(e=4, k=2, dispatch="dense", shared=0, order="softmax_topk",

@@ -1,12 +1,15 @@
-"""The router contract (DESIGN section 2), for every registered router.
+"""The router contract (moejax/moe/routers/base.py), for every registered router.
 
 Parametrized over `ROUTERS` (plus option variants), so a router added later
 is picked up automatically; it only needs a line in `VALID_RULES` saying how
 many assignment slots it marks valid. Checks: assignment shapes, dtypes and
 ranges; weights non-negative and finite; the valid-slot rule; parameter
 count; gradients reach every router parameter; jit; every dispatcher agrees
-with `dense`; and decoder causality inside the model's layer scan (the
-expert-choice "batch" grouping is asserted NOT causal, as documented).
+with `dense`; the declared metrics, losses and state are what it reports;
+decoder causality inside the model's layer scan as the router declares it
+(`is_causal`: the expert-choice "batch" grouping is asserted NOT causal);
+and `decode_refusal`: a router that accepts decoding routes every token
+alone exactly as inside its batch, one that refuses does not.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pytest
 from moejax import model as lm
 from moejax.config import default_config
 from moejax.moe import MoELayer
+from moejax.moe.layer import aux_losses, metric_schema
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.routers import ROUTERS, get_router
 from moejax.moe.routers import expert_choice as ec
@@ -72,7 +76,6 @@ VARIANTS = {
     "group_limited": [{"group_limited.mode": "balanced"}],
     "expert_choice": [{"expert_choice.group": "batch"}],
 }
-NOT_CAUSAL = [("expert_choice", {"expert_choice.group": "batch"})]
 # Capacity dispatch must drop nothing to equal `dense`: E / k suffices for
 # token-choice routers (each token uses an expert at most once); expert
 # choice already fills every expert exactly with capacity_factor = 1.
@@ -98,6 +101,13 @@ def _moe_cfg(name, overrides, dispatch="dense") -> ml_collections.FrozenConfigDi
   c.capacity_factor = CAPACITY_FACTOR.get(name, float(E))
   _set(c, overrides)
   return ml_collections.FrozenConfigDict(c)
+
+
+def _full(cfg_moe) -> ml_collections.ConfigDict:
+  """A full config around a `moe` config (what the module-level declarations read)."""
+  c = default_config()
+  c.moe = ml_collections.ConfigDict(cfg_moe.to_dict())
+  return c
 
 
 def _inputs(seed=0):
@@ -199,9 +209,23 @@ def test_router_contract(name, overrides):
   for out in alone:
     _check_router_output(name, cfg, out)
   router_params = variables["params"].get("router", {})
-  if hasattr(cls, "param_count"):  # a lone router holds its shared params too
-    assert sum(p.size for p in jax.tree.leaves(router_params)) == \
-        cls.param_count(cfg, D) + getattr(cls, "shared_param_count", lambda c, d: 0)(cfg, D)
+  # A lone router holds its shared params too.
+  assert sum(p.size for p in jax.tree.leaves(router_params)) == \
+      cls.param_count(cfg, D) + cls.shared_param_count(cfg, D)
+  # What it reports is what it declares (the layer also checks this at trace time).
+  for out in alone:
+    assert sorted(out.metrics) == sorted(m.name for m in cls.metrics(cfg))
+    assert sorted(out.losses) == sorted(a.name for a in cls.aux_losses(cfg))
+    assert (out.state_stats != {}) <= bool(cls.state_names(cfg)), "stats without state"
+  y0, aux0 = outs["dense"]
+  assert sorted(aux0["metrics"]) == sorted(m.name for m in metric_schema(_full(cfg)))
+  assert sorted(aux0["losses"]) == sorted(a.name for a in aux_losses(_full(cfg)))
+  shapes = jax.eval_shape(lambda k: layers["dense"].init(k, x, token_ids_BxL=ids),
+                          jax.random.key(0))
+  state = shapes.get("moe_state", {}).get("router", {})
+  assert sorted(state) == sorted(cls.state_names(cfg))
+  for flag in (cls.choice_major_slots, cls.uses_carry, cls.adaptive, cls.pool_stats_over_layers):
+    assert isinstance(flag, bool)
 
   y_dense = np.asarray(outs["dense"][0])
   assert np.all(np.isfinite(y_dense))
@@ -240,8 +264,34 @@ def test_decoder_causality_in_model(name, overrides):
   a, b = np.asarray(a), np.asarray(b)
   assert np.all(np.isfinite(a)) and aux["losses"]["load_balance"].shape == (2,)
   assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
-  if (name, overrides) in NOT_CAUSAL:
+  if not get_router(name).is_causal(cfg):
     # All tokens of the batch compete for experts: earlier logits see the change.
     assert not np.allclose(a[:, :t + 1], b[:, :t + 1])
   else:
     np.testing.assert_array_equal(a[:, :t + 1], b[:, :t + 1])
+
+
+@pytest.mark.parametrize("name,overrides", CASES)
+def test_decode_refusal(name, overrides):
+  """Decodable routers route every token alone as inside its batch; refusals explain why.
+
+  Eval mode, the MoE layer with dense dispatch: the [B, L] output at every
+  token equals the layer applied to that token alone ([1, 1], its own id).
+  A router that refuses names itself and a reason, and alone it routes
+  differently (what decoding would silently change).
+  """
+  cfg = _moe_cfg(name, overrides)
+  cls = get_router(name)
+  refusal = cls.decode_refusal(_full(cfg))
+  layer = MoELayer(cfg)
+  x, ids = _inputs(4)
+  variables = _random_params(lambda k: layer.init(k, x, token_ids_BxL=ids))
+  apply = jax.jit(lambda v, x, ids: layer.apply(v, x, token_ids_BxL=ids)[0])
+  together = np.asarray(apply(variables, x, ids)).reshape(T, D)
+  one = jax.jit(jax.vmap(lambda xt, it: apply(variables, xt[None, None], it[None, None])[0, 0]))
+  alone = np.asarray(one(x.reshape(T, D), ids.reshape(T)))
+  if refusal is None:
+    np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+  else:
+    assert isinstance(refusal, str) and name in refusal and len(refusal) > 40
+    assert not np.allclose(alone, together, rtol=1e-3, atol=1e-4)

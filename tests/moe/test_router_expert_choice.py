@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moejax.config import ConfigError, validate
+from moejax.checks import ConfigError
+from moejax.validation import validate
 from moejax.moe.routers.expert_choice import (expert_choice_capacity,
                                               expert_choice_route)
 from tests.conftest import tiny_config

@@ -8,7 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moejax.config import ConfigError, default_config, validate
+from moejax.checks import ConfigError
+from moejax.config import default_config
+from moejax.validation import validate
 from moejax.moe.routers.hash import HashRouter, hash_experts, hash_route, mix32
 from tests.conftest import tiny_config
 

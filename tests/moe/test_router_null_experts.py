@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moejax.config import ConfigError, default_config, validate
+from moejax.checks import ConfigError
+from moejax.config import default_config
+from moejax.validation import validate
 from moejax.moe import losses as moe_losses
 from moejax.moe.routers.null_experts import NullExpertsRouter, null_experts_route
 from tests.conftest import tiny_config

@@ -8,7 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moejax.config import ConfigError, default_config, validate
+from moejax.checks import ConfigError
+from moejax.config import default_config
+from moejax.validation import validate
 from moejax.moe import MoELayer
 from moejax.moe.routers.relu import load_balanced_l1, relu_route, update_l1_coef
 from moejax.moe.state import update_router_state

@@ -64,8 +64,8 @@ def test_soft_dispatch_matches_numpy(b, l, e, spe):
   w = ref.random_expert_weights(rng, e, d, f)
   a = soft_route(jnp.asarray(2.0 * rng.standard_normal((t, e * spe)), jnp.float32),
                  batch_groups(b, l))
-  y, stats = jax.jit(soft_dispatch, static_argnames="dtype")(
-      jnp.asarray(x, jnp.float32), a, jax.tree.map(jnp.asarray, w), dtype=jnp.float32)
+  y, stats = jax.jit(soft_dispatch)(jnp.asarray(x, jnp.float32), a,
+                                     ref.swiglu_experts(w, jnp.float32))
   want = _np_soft(x, np.asarray(a.token), np.asarray(a.dispatch, np.float64),
                   np.asarray(a.combine, np.float64), w, spe)
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moejax.config import ConfigError, default_config, validate
+from moejax.checks import ConfigError
+from moejax.config import default_config
+from moejax.validation import validate
 from moejax.moe.routers.top_p import TopPRouter, mean_entropy, top_p_route
 from tests.conftest import tiny_config
 
@@ -67,11 +69,12 @@ def test_module_losses_and_metrics():
   params = {"params": {"w_gate": jnp.asarray(np.log(PROBS), jnp.float32)}}
   out = mod.apply(params, x, shape_BxL=(1, 4))
   h = lambda ps: -sum(q * math.log(q) for q in ps)  # noqa: E731
+  # Reported unweighted; moe.top_p.entropy_weight is its declared weight.
   np.testing.assert_allclose(out.losses["entropy_loss"],
-                             0.5 * np.mean([h(r) for r in PROBS]), rtol=1e-5)
+                             np.mean([h(r) for r in PROBS]), rtol=1e-5)
   np.testing.assert_allclose(out.metrics["overflow_fraction"], 0.5)
-  out0 = TopPRouter(_cfg(entropy_weight=0.0)).apply(params, x, shape_BxL=(1, 4))
-  assert out0.losses == {}
+  assert [(a.name, a.weight) for a in TopPRouter.aux_losses(_cfg())] == [
+      ("entropy_loss", "moe.top_p.entropy_weight")]
 
 
 def _reference(probs_TxE, p, max_k):

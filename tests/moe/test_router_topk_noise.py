@@ -10,7 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moejax.config import ConfigError, default_config, validate
+from moejax.checks import ConfigError
+from moejax.config import default_config
+from moejax.validation import validate
 from moejax.moe.routers.topk import (NOISE_EPS, TopKRouter, cv_squared,
                                      load_probs)
 from tests.conftest import tiny_config
@@ -79,10 +81,13 @@ def test_importance_and_load_losses_by_hand():
       load[j] += _phi((logits[i, j] - thr) / std[i, j])
   cv2 = lambda v: np.var(v) / (np.mean(v) ** 2 + 1e-10)  # noqa: E731
   assert set(out.losses) == {"importance_loss", "load_loss"}
-  np.testing.assert_allclose(out.losses["importance_loss"], 0.3 * cv2(importance),
+  # Reported unweighted; their declared weights are moe.topk.importance/load_weight.
+  np.testing.assert_allclose(out.losses["importance_loss"], cv2(importance),
                              rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(out.losses["load_loss"], 0.7 * cv2(load), rtol=1e-4,
+  np.testing.assert_allclose(out.losses["load_loss"], cv2(load), rtol=1e-4,
                              atol=1e-7)
+  assert {a.name: a.weight for a in TopKRouter.aux_losses(cfg)} == {
+      "importance_loss": "moe.topk.importance_weight", "load_loss": "moe.topk.load_weight"}
   np.testing.assert_allclose(out.logits_TxE, logits, rtol=1e-5, atol=1e-6)
 
 

@@ -10,7 +10,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moejax.config import ConfigError, default_config, validate
+from moejax.checks import ConfigError
+from moejax.config import default_config
+from moejax.validation import validate
+from moejax.moe.experts import MLPExperts
 from moejax.parallel import mesh as pm
 from moejax.train import trainer
 from tests.conftest import tiny_config
@@ -76,8 +79,15 @@ def test_prepare_rejects_a_mesh_that_does_not_fit_before_compiling(monkeypatch):
 
 def test_param_specs_rules():
   s = {"data": 1, "fsdp": 4, "expert": 2}
+  # Expert leaves follow their family's declaration: E over 'expert', F over 'fsdp'
+  # when divisible (SwiGLU's w_up [E, D, F], under the scan's layer axis).
   assert pm.param_spec(["moe_layers", "block0", "moe", "experts", "w_up"], (3, 8, 16, 32), s) \
-      == P(None, "expert", None, None)
+      == P(None, "expert", None, "fsdp")
+  assert pm.param_spec(["moe_layers", "block0", "moe", "experts", "w_down"], (3, 8, 30, 16), s) \
+      == P(None, "expert", None, None)  # F = 30 does not split over 4
+  mlp = MLPExperts("gelu", bias=True).leaves()
+  assert pm.param_spec(["experts", "b_out"], (3, 8, 16), s, mlp) == P(None, "expert", None)
+  assert pm.param_spec(["experts", "b_in"], (3, 8, 32), s, mlp) == P(None, "expert", "fsdp")
   # largest dimension divisible by fsdp; none divisible: replicated
   assert pm.param_spec(["embed"], (258, 32), s) == P(None, "fsdp")
   assert pm.param_spec(["attn", "w_qkv"], (3, 64, 96), s) == P(None, None, "fsdp")
@@ -94,7 +104,7 @@ def test_optimizer_state_follows_params():
   leaves = jax.tree_util.tree_leaves_with_path(got, is_leaf=lambda x: isinstance(x, P))
   by_key = {jax.tree_util.keystr(p): v for p, v in leaves}
   mu = [v for k, v in by_key.items() if ".mu" in k]
-  assert sorted(map(str, mu)) == sorted(map(str, [P("expert", None, None), P("fsdp", None)]))
+  assert sorted(map(str, mu)) == sorted(map(str, [P("expert", None, "fsdp"), P("fsdp", None)]))
   assert [v for k, v in by_key.items() if "count" in k] == [P()]
 
 

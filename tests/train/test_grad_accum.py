@@ -66,7 +66,8 @@ def test_sequence_balance_matches_reference():
 
 
 def test_bad_balance_and_accum_values():
-  from moejax.config import ConfigError, validate  # noqa: PLC0415
+  from moejax.checks import ConfigError  # noqa: PLC0415
+  from moejax.validation import validate  # noqa: PLC0415
   cfg = tiny_config()
   cfg.moe.balance = "switch,global"
   with pytest.raises(ConfigError, match="moe.balance.*'global'.*global_batch"):

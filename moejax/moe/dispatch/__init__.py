@@ -1,9 +1,11 @@
 """Dispatcher registry: `moe.dispatch=<name>`.
 
 A dispatcher is a pure function
-  dispatch(x_TxD, assignment, w, *, dtype, cfg) -> (y_TxD float32, stats)
-that applies the experts `w` to the tokens named by any sparse `Assignment`
-and combines their outputs with the assignment weights. `stats` holds at
+  dispatch(x_TxD, assignment, experts, *, cfg) -> (y_TxD float32, stats)
+that applies the experts (`ExpertWeights`: weights bound to their family and
+compute dtype, moejax/moe/experts) to the tokens named by any sparse
+`Assignment` and combines their outputs with the assignment weights. It
+calls only the family's `batched` / `grouped` and names no weight. `stats` holds at
 least `dropped_fraction` (share of valid assignment slots not computed).
 """
 

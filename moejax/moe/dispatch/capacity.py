@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.experts import ExpertWeights, swiglu_batched
+from moejax.moe.experts import ExpertWeights
 from moejax.moe.types import Assignment
 
 
@@ -43,9 +43,9 @@ def capacity_positions(assignment: Assignment, num_experts: int,
 
 
 def capacity_dispatch(x_TxD: jax.Array, assignment: Assignment,
-                      w: ExpertWeights, *, dtype, cfg) -> tuple[jax.Array, dict]:
+                      experts: ExpertWeights, *, cfg) -> tuple[jax.Array, dict]:
   t = x_TxD.shape[0]
-  e = w["w_gate"].shape[0]
+  e, dtype = experts.num_experts, experts.dtype
   c = expert_capacity(assignment.num_slots, e, cfg.capacity_factor)
   pos_A, keep_A = capacity_positions(assignment, e, c)
   # [T, E, C] dispatch mask and combine weights (a token's slots summed);
@@ -57,7 +57,7 @@ def capacity_dispatch(x_TxD: jax.Array, assignment: Assignment,
   combine_TxExC = jnp.zeros((t, e, c + 1), jnp.float32).at[idx].add(w_A)[..., :c]
   x_ExCxD = jnp.einsum("tec,td->ecd", dispatch_TxExC.astype(dtype),
                        x_TxD.astype(dtype), preferred_element_type=jnp.float32)
-  y_ExCxD = swiglu_batched(w, x_ExCxD, dtype)
+  y_ExCxD = experts.batched(x_ExCxD)
   y_TxD = jnp.einsum("tec,ecd->td", combine_TxExC, y_ExCxD,
                      precision=jax.lax.Precision.HIGHEST)
   num_valid = jnp.maximum(jnp.sum(assignment.valid), 1)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.experts import ExpertWeights, swiglu_batched
+from moejax.moe.experts import ExpertWeights
 from moejax.moe.types import Assignment
 
 
-def dense_dispatch(x_TxD: jax.Array, assignment: Assignment, w: ExpertWeights,
-                   *, dtype, cfg=None) -> tuple[jax.Array, dict]:
+def dense_dispatch(x_TxD: jax.Array, assignment: Assignment, experts: ExpertWeights,
+                   *, cfg=None) -> tuple[jax.Array, dict]:
   """y_t = sum_e c[t, e] * FFN_e(x_t) with c the assignment's combine matrix.
 
   Costs E times a token's active FLOPs; exact for any assignment (a token
@@ -18,9 +18,9 @@ def dense_dispatch(x_TxD: jax.Array, assignment: Assignment, w: ExpertWeights,
   """
   del cfg
   t = x_TxD.shape[0]
-  e = w["w_gate"].shape[0]
+  e = experts.num_experts
   c_TxE = assignment.combine_matrix(t, e)
-  y_ExTxD = swiglu_batched(w, jnp.broadcast_to(x_TxD, (e,) + x_TxD.shape), dtype)
+  y_ExTxD = experts.batched(jnp.broadcast_to(x_TxD, (e,) + x_TxD.shape))
   y_TxD = jnp.einsum("te,etd->td", c_TxE, y_ExTxD,
                      precision=jax.lax.Precision.HIGHEST)
   return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}

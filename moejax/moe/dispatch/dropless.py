@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.experts import ExpertWeights, swiglu_grouped
+from moejax.moe.experts import ExpertWeights
 from moejax.moe.types import Assignment
 
 
@@ -25,9 +25,9 @@ def sort_by_expert(assignment: Assignment, num_experts: int
 
 
 def dropless_dispatch(x_TxD: jax.Array, assignment: Assignment,
-                      w: ExpertWeights, *, dtype, cfg=None
+                      experts: ExpertWeights, *, cfg=None
                       ) -> tuple[jax.Array, dict]:
-  e = w["w_gate"].shape[0]
+  e = experts.num_experts
   backend = cfg.get("gmm_backend", "auto") if cfg is not None else "auto"
   order_A, group_sizes_E = sort_by_expert(assignment, e)
   tok_A = assignment.token[order_A]
@@ -35,8 +35,7 @@ def dropless_dispatch(x_TxD: jax.Array, assignment: Assignment,
   # Tokens are in [0, T) (the Assignment contract): no bounds masks, which
   # cost XLA:CPU two extra [A, D] passes in the backward at E=64.
   x_AxD = x_TxD.at[tok_A].get(mode="promise_in_bounds")
-  y_AxD = swiglu_grouped(w, x_AxD, group_sizes_E, dtype, backend=backend,
-                         scale_A=wt_A)
+  y_AxD = experts.grouped(x_AxD, group_sizes_E, backend=backend, scale_A=wt_A)
   y_TxD = jnp.zeros(x_TxD.shape, jnp.float32).at[tok_A].add(
       y_AxD, mode="promise_in_bounds")
   return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}

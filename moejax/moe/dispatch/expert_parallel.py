@@ -2,7 +2,7 @@
 
 On a mesh with axes ('data', 'fsdp', 'expert') (moejax/parallel/axes.py)
 tokens are split over all axes and the E experts over 'expert' (E / ep per
-device). Inside `jax.shard_map` each device routes its own tokens and
+device; each leaf is split on the expert axis its family declares). Inside `jax.shard_map` each device routes its own tokens and
 exchanges them with the other devices of its 'expert' group:
 
 - `capacity`: each device fills per-expert buffers of C = ceil(cf * A_loc / E)
@@ -15,9 +15,8 @@ exchanges them with the other devices of its 'expert' group:
 - `dropless`: slots are sorted by expert, per-expert counts are exchanged
   (`all_gather` over 'expert'), the rows go to their expert shard with
   `ragged_all_to_all` (offsets from `ragged_offsets`), the local experts run
-  as one grouped SwiGLU (`pallas_kernels.grouped_swiglu` with
-  `group_offset`), and the
-  reverse exchange brings the rows home. XLA:CPU has no `ragged_all_to_all`;
+  on them through their family's ragged path (`ExpertWeights.grouped` with
+  `group_offset`), and the reverse exchange brings the rows home. XLA:CPU has no `ragged_all_to_all`;
   there `emulated_ragged_all_to_all` moves the same rows through a padded
   `all_to_all` with a worst-case (A_loc rows per peer) buffer, writing
   exactly what `ragged_all_to_all` writes.
@@ -41,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.moe.dispatch.capacity import capacity_positions, expert_capacity
 from moejax.moe.dispatch.dropless import sort_by_expert
-from moejax.moe.experts import ExpertWeights, swiglu_batched, swiglu_grouped
+from moejax.moe.experts import ExpertWeights, expert_specs
 from moejax.moe.types import Assignment
 from moejax.parallel.axes import AXES, EXPERT_AXIS, TOKEN_AXES
 
@@ -137,8 +136,10 @@ def _local_assignment(tok_KxT, exp_KxT, wt_KxT, val_KxT, t_loc: int,
                     weight=wt_KxT.reshape(-1), valid=val_KxT.reshape(-1))
 
 
-def _capacity_body(x_TxD, tok, exp, wt, val, w: ExpertWeights, *, num_experts: int,
-                   ep: int, capacity_factor: float, dtype, token_axes):
+def _capacity_body(x_TxD, tok, exp, wt, val, w: dict, *, experts: ExpertWeights,
+                   num_experts: int, ep: int, capacity_factor: float, token_axes):
+  experts = experts.replace(w=w)  # this device's E / ep experts
+  dtype = experts.dtype
   t_loc, d = x_TxD.shape
   e, e_loc = num_experts, num_experts // ep
   a = _local_assignment(tok, exp, wt, val, t_loc, token_axes)
@@ -150,7 +151,7 @@ def _capacity_body(x_TxD, tok, exp, wt, val, w: ExpertWeights, *, num_experts: i
   send = x_ExCxD.reshape(ep, e_loc, c, d)
   recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True) if ep > 1 else send
   h_ElxCxD = recv.transpose(1, 0, 2, 3).reshape(e_loc, ep * c, d)
-  y_ElxCxD = swiglu_batched(w, h_ElxCxD, dtype)
+  y_ElxCxD = experts.batched(h_ElxCxD)
   back = y_ElxCxD.reshape(e_loc, ep, c, d).transpose(1, 0, 2, 3)
   back = jax.lax.all_to_all(back, EXPERT_AXIS, 0, 0, tiled=True) if ep > 1 else back
   y_ExCxD = back.reshape(e, c, d)
@@ -163,8 +164,10 @@ def _capacity_body(x_TxD, tok, exp, wt, val, w: ExpertWeights, *, num_experts: i
   return y_TxD, dropped, valid
 
 
-def _dropless_body(x_TxD, tok, exp, wt, val, w: ExpertWeights, *, num_experts: int,
-                   ep: int, dtype, token_axes, backend: str, ragged: bool):
+def _dropless_body(x_TxD, tok, exp, wt, val, w: dict, *, experts: ExpertWeights,
+                   num_experts: int, ep: int, token_axes, backend: str, ragged: bool):
+  experts = experts.replace(w=w)  # this device's E / ep experts
+  dtype = experts.dtype
   t_loc, d = x_TxD.shape
   e, e_loc = num_experts, num_experts // ep
   a = _local_assignment(tok, exp, wt, val, t_loc, token_axes)
@@ -187,8 +190,8 @@ def _dropless_body(x_TxD, tok, exp, wt, val, w: ExpertWeights, *, num_experts: i
   group_sizes_E = jax.lax.dynamic_update_slice(
       jnp.zeros((e,), jnp.int32), jnp.sum(mine_SxEl, axis=0).astype(jnp.int32),
       (me * e_loc,))
-  y_sorted = swiglu_grouped(w, recv_RxD[perm_R], group_sizes_E, dtype, backend=backend,
-                            group_offset=me * e_loc)
+  y_sorted = experts.grouped(recv_RxD[perm_R], group_sizes_E, backend=backend,
+                             group_offset=me * e_loc)
   y_RxD = jnp.zeros((rows, d), jnp.float32).at[perm_R].set(y_sorted)
   y_AxD = exchange(y_RxD, jnp.zeros((a_loc, d), jnp.float32), ragged_offsets(sizes_SxS.T, me))
   y_TxD = jnp.zeros((t_loc, d), jnp.float32).at[tok_A].add(y_AxD * wt_A[:, None])
@@ -217,8 +220,8 @@ def default_ragged() -> bool:
   return jax.devices()[0].platform in RAGGED_PLATFORMS
 
 
-def expert_parallel_dispatch(x_TxD: jax.Array, assignment: Assignment, w: ExpertWeights, *,
-                             dtype, cfg, mode: str | None = None, mesh=None,
+def expert_parallel_dispatch(x_TxD: jax.Array, assignment: Assignment,
+                             experts: ExpertWeights, *, cfg, mode: str | None = None, mesh=None,
                              ragged: bool | None = None) -> tuple[jax.Array, dict]:
   """EP dispatch of a choice-major sparse `assignment` on `mesh` (default: ambient).
 
@@ -237,7 +240,7 @@ def expert_parallel_dispatch(x_TxD: jax.Array, assignment: Assignment, w: Expert
   ep = sizes[EXPERT_AXIS]
   n_tok = math.prod(sizes[ax] for ax in TOKEN_AXES)
   t, d = x_TxD.shape
-  e = w["w_gate"].shape[0]
+  e = experts.num_experts
   if t % n_tok:
     raise ValueError(f"{t} tokens do not split over the {n_tok} devices of the mesh {sizes}")
   if assignment.num_slots % t:
@@ -248,7 +251,7 @@ def expert_parallel_dispatch(x_TxD: jax.Array, assignment: Assignment, w: Expert
   k = assignment.num_slots // t
   slots = [v.reshape(k, t) for v in (assignment.token, assignment.expert,
                                      assignment.weight, assignment.valid)]
-  common = dict(num_experts=e, ep=ep, dtype=dtype, token_axes=TOKEN_AXES)
+  common = dict(experts=experts.replace(w=None), num_experts=e, ep=ep, token_axes=TOKEN_AXES)
   if mode == "capacity":
     body = functools.partial(_capacity_body, capacity_factor=cfg.capacity_factor, **common)
   else:
@@ -256,28 +259,27 @@ def expert_parallel_dispatch(x_TxD: jax.Array, assignment: Assignment, w: Expert
     body = functools.partial(_dropless_body, backend=backend,
                              ragged=default_ragged() if ragged is None else ragged, **common)
   tok_spec, slot_spec = P(TOKEN_AXES, None), P(None, TOKEN_AXES)
-  w_spec = {name: P(EXPERT_AXIS, None, None) for name in w}
+  w_spec = expert_specs(experts.family, EXPERT_AXIS)
   fn = jax.shard_map(body, mesh=mesh,
                      in_specs=(tok_spec, slot_spec, slot_spec, slot_spec, slot_spec, w_spec),
                      out_specs=(tok_spec, P(), P()),
                      # The gmm kernels' loops carry unannotated zeros; the two
                      # scalar outputs are psums (replicated by construction).
                      check_vma=False)
-  y_TxD, dropped, valid = fn(x_TxD, *slots, dict(w))
+  y_TxD, dropped, valid = fn(x_TxD, *slots, dict(experts.w))
   return y_TxD, {"dropped_fraction": dropped / jnp.maximum(valid, 1.0)}
 
 
-def select(cfg, router_cls, num_tokens: int):
+def select(cfg, num_tokens: int):
   """The EP dispatcher to use inside the ambient mesh, or None for the usual path.
 
-  Used when a multi-device moejax mesh is set, moe.dispatch is an EP mode,
-  the router's slots are choice-major (`choice_major_slots`, default True)
+  Used when a multi-device moejax mesh is set, moe.dispatch is an EP mode
   and the tokens split evenly over the devices (a 1-sequence init does not).
+  The MoE layer asks only for routers with choice-major slots
+  (`Router.choice_major_slots`).
   """
   mesh = ambient_mesh()
   if mesh is None or cfg.dispatch not in MODES:
-    return None
-  if not getattr(router_cls, "choice_major_slots", True):
     return None
   if num_tokens % math.prod(mesh_sizes(mesh)[ax] for ax in TOKEN_AXES):
     return None

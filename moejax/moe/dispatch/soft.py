@@ -2,7 +2,7 @@
 
 Applies a `SoftAssignment` (Soft MoE / Mixture of Tokens): per group g,
 x_slot[g, s] = sum_m dispatch[g, m, s] * x[token[g, m]]; slot s goes to
-expert s // slots_per_expert, all experts batched with `swiglu_batched` over
+expert s // slots_per_expert, all experts batched (`ExpertWeights.batched`) over
 their G * slots_per_expert slots; y[token[g, m]] += sum_s combine[g, m, s] *
 y_slot[g, s]. Nothing is dropped. The MoE layer uses it for every
 SoftAssignment regardless of `moe.dispatch` (the sparse dispatchers take an
@@ -14,14 +14,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.experts import ExpertWeights, swiglu_batched
+from moejax.moe.experts import ExpertWeights
 from moejax.moe.types import SoftAssignment
 
 
-def soft_dispatch(x_TxD: jax.Array, assignment: SoftAssignment, w: ExpertWeights,
-                  *, dtype, cfg=None) -> tuple[jax.Array, dict]:
+def soft_dispatch(x_TxD: jax.Array, assignment: SoftAssignment, experts: ExpertWeights,
+                  *, cfg=None) -> tuple[jax.Array, dict]:
   del cfg
-  e = w["w_gate"].shape[0]
+  e, dtype = experts.num_experts, experts.dtype
   g, m, s = assignment.dispatch.shape
   spe = s // e
   d = x_TxD.shape[-1]
@@ -30,7 +30,7 @@ def soft_dispatch(x_TxD: jax.Array, assignment: SoftAssignment, w: ExpertWeights
                        x_GxMxD.astype(dtype), preferred_element_type=jnp.float32)
   # Slot s = expert * spe + j: expert e's buffer holds its slots of every group.
   x_ExCxD = x_GxSxD.reshape(g, e, spe, d).transpose(1, 0, 2, 3).reshape(e, g * spe, d)
-  y_ExCxD = swiglu_batched(w, x_ExCxD, dtype)
+  y_ExCxD = experts.batched(x_ExCxD)
   y_GxSxD = y_ExCxD.reshape(e, g, spe, d).transpose(1, 0, 2, 3).reshape(g, s, d)
   y_GxMxD = jnp.einsum("gms,gsd->gmd", assignment.combine, y_GxSxD,
                        precision=jax.lax.Precision.HIGHEST)

@@ -1,16 +1,48 @@
-"""What every router returns."""
+"""The router contract: what every router declares and returns.
+
+A router is a Flax module (parameters) around a pure routing function in the
+same file. Its `__call__(x_TxD, *, shape_BxL, token_ids, deterministic,
+carry, shared)` returns a `RouterOutput`; everything else about it is
+declared on the class, with defaults here, so no caller probes for hooks:
+
+properties
+  choice_major_slots   slot c * T + t is token t's c-th choice (the
+                       expert-parallel dispatch needs it)
+  uses_carry           passes state from one MoE layer to the next (the
+                       scan carry; `init_carry`, `make_shared`)
+  adaptive             the number of experts per token varies
+  pool_stats_over_layers  `update_state` gets stats summed over MoE layers
+  is_causal(cfg)       a decoder's position t never sees later tokens
+  decode_refusal(cfg)  None if it routes one token at a time exactly as in
+                       training (so it can decode with a KV cache); else
+                       the reason it cannot
+declared outputs
+  metrics(cfg_moe)     `Metric`s it adds to the layer's metrics
+  aux_losses(cfg_moe)  `AuxLoss`es it reports (unweighted; the weight is a
+                       config key, applied in moejax/aux_losses.py)
+state
+  state_names(cfg_moe) its non-trained "moe_state" variables
+  update_state(state, stats, cfg_moe)  pure update of its "moe_state" after
+                       each optimizer step, from `state_stats` summed over
+                       the global batch (moejax/moe/state.py)
+counting and config
+  param_count, shared_param_count, experts_per_token, check_config
+The layer checks at trace time that a router returns exactly the metrics and
+losses it declares.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moejax.aux_losses import AuxLoss
 from moejax.layers import fan_in_init
-
+from moejax.moe.metrics import Metric
 from moejax.moe.types import Assignment, SoftAssignment
 
 
@@ -23,9 +55,11 @@ class RouterOutput:
   scores (hash) leaves them None and the layer reports no balance/z-loss.
   `balance_counts_E` are the per-choice counts the balancing loss uses when
   they differ from the assignment's valid slots (null experts count there).
-  `losses` holds unweighted router-specific auxiliary losses; the generic ones
-  (switch balance, z-loss) are formed by the MoE layer. `metrics` are scalars
-  (or [E] vectors) added to the layer's metric schema.
+  `losses` holds the router's own auxiliary losses, unweighted, exactly those
+  of `aux_losses(cfg_moe)`; the generic ones (balance, z-loss) are formed by
+  the MoE layer. `metrics` are exactly those of `metrics(cfg_moe)`: scalars, or [E]
+  vectors for per-expert ones. `state_stats` feed `update_state`; `carry` is
+  the new carry of a `uses_carry` router.
   """
 
   assignment: Assignment | SoftAssignment
@@ -38,31 +72,84 @@ class RouterOutput:
   carry: Any = None
 
 
-# Optional hooks a router class may define (see DESIGN section 2):
-#   uses_carry = True; init_carry(num_tokens, cfg) -> pytree;
-#   make_shared(module, d, cfg) -> dict   (params shared by all layers,
-#       created in the model's scope);    __call__(..., carry=, shared=)
-#       then returns RouterOutput(carry=new carry).
-#   update_state(state: dict, stats: dict, cfg) -> dict   (pure; updates the
-#       router's "moe_state" variables after each optimizer step from the
-#       `state_stats` of the step, summed over the whole global batch).
-#   choice_major_slots = False   (slot c * T + t is not token t's c-th choice:
-#       the expert-parallel dispatch is not used; default True)
-
-
 class Router(nn.Module):
-  """Base of the router modules: holds the `moe` config.
-
-  `param_count(cfg, d_model)` is the number of router parameters per MoE
-  layer; the default is one linear gate [D, E]. Routers with other
-  parameters override it.
-  """
+  """Base of the router modules: holds the `moe` config and the contract's defaults."""
 
   cfg: Any  # ml_collections.FrozenConfigDict: the `moe` config
 
-  @staticmethod
-  def param_count(cfg, d_model: int) -> int:
-    return d_model * cfg.num_experts
+  choice_major_slots: ClassVar[bool] = True
+  uses_carry: ClassVar[bool] = False
+  adaptive: ClassVar[bool] = False
+  pool_stats_over_layers: ClassVar[bool] = False
+
+  @classmethod
+  def is_causal(cls, cfg) -> bool:
+    """Whether a decoder's outputs at t are independent of later tokens (full config)."""
+    del cfg
+    return True
+
+  @classmethod
+  def decode_refusal(cls, cfg) -> str | None:
+    """None if one token at a time is routed as in training; else why not (full config)."""
+    del cfg
+    return None
+
+  @classmethod
+  def metrics(cls, cfg_moe) -> tuple[Metric, ...]:
+    """The metrics the router adds (the `moe` config)."""
+    del cfg_moe
+    return ()
+
+  @classmethod
+  def aux_losses(cls, cfg_moe) -> tuple[AuxLoss, ...]:
+    """The auxiliary losses the router reports (the `moe` config)."""
+    del cfg_moe
+    return ()
+
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    """Raises ConfigError for bad `moe.<router>.*` values; cross-key rules when `chosen`."""
+    del cfg, chosen
+
+  @classmethod
+  def param_count(cls, cfg_moe, d_model: int) -> int:
+    """Router parameters per MoE layer (default: one linear gate [D, E])."""
+    return d_model * cfg_moe.num_experts
+
+  @classmethod
+  def shared_param_count(cls, cfg_moe, d_model: int) -> int:
+    """Router parameters shared by all MoE layers (`make_shared`)."""
+    del cfg_moe, d_model
+    return 0
+
+  @classmethod
+  def experts_per_token(cls, cfg) -> float:
+    """Expert applications per token (full config): top_k unless the router says otherwise."""
+    return cfg.moe.top_k
+
+  @classmethod
+  def init_carry(cls, num_tokens: int, cfg_moe) -> Any:
+    """The carry before the first MoE layer (`uses_carry` routers)."""
+    del num_tokens, cfg_moe
+    return None
+
+  @classmethod
+  def make_shared(cls, module: nn.Module, d: int, cfg_moe) -> dict:
+    """Parameters shared by all MoE layers, created in `module`'s (the model's) scope."""
+    del module, d, cfg_moe
+    return {}
+
+  @classmethod
+  def state_names(cls, cfg_moe) -> tuple[str, ...]:
+    """Its variables in the non-trained "moe_state" collection (the `moe` config)."""
+    del cfg_moe
+    return ()
+
+  @classmethod
+  def update_state(cls, state: dict, stats: dict, cfg_moe) -> dict:
+    """One layer's new "moe_state" from the step's global-batch `state_stats`."""
+    del stats, cfg_moe
+    return state
 
 
 def gate_logits(module: nn.Module, x_TxD: jax.Array, num_choices: int) -> jax.Array:

@@ -29,12 +29,14 @@ Option `moe.expert_choice.group`:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.checks import choice
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
@@ -105,11 +107,26 @@ class ExpertChoiceRouter(Router):
 
   # Slots are expert-major, not one per token choice: no expert-parallel path.
   choice_major_slots = False
+  adaptive = True  # a token gets 0..E experts
 
+  @classmethod
+  def is_causal(cls, cfg) -> bool:
+    return cfg.moe.expert_choice.group == "position"
 
+  @classmethod
+  def decode_refusal(cls, cfg) -> str | None:
+    return (f"moe.router='expert_choice' (group={cfg.moe.expert_choice.group!r}): experts "
+            "pick among the tokens of a group, so a token's experts depend on the other "
+            "tokens it competes with; routed one token at a time, every expert would take "
+            "it (a dense mixture), which is not the routing the model was trained with")
 
-  @staticmethod
-  def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    del chosen
+    choice(cfg.moe.expert_choice.group, "moe.expert_choice.group", GROUPS)
+
+  @classmethod
+  def experts_per_token(cls, cfg: ml_collections.ConfigDict) -> float:
     """E * C expert slots per group of S tokens (S = B, or B * L for group="batch")."""
     m, t = cfg.moe, cfg.train
     s = t.batch_size * (t.seq_len if m.expert_choice.group == "batch" else 1)
@@ -118,9 +135,9 @@ class ExpertChoiceRouter(Router):
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del token_ids, deterministic
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del token_ids, deterministic, carry, shared
     logits_TxE = gate_logits(self, x_TxD, self.cfg.num_experts)
     assignment, probs_TxE = expert_choice_route(
         logits_TxE, shape_BxL, self.cfg.top_k, self.cfg.capacity_factor,

@@ -24,10 +24,13 @@ choice, by probability), A = T * k, all valid.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.checks import choice, fail, positive
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
@@ -97,13 +100,34 @@ def group_limited_route(logits_TxE: jax.Array, k: int, num_groups: int,
 class GroupLimitedRouter(Router):
   """Linear gate + `group_limited_route`."""
 
-
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    gl = cfg.moe.group_limited
+    for key in ("moe.group_limited.num_groups", "moe.group_limited.top_groups"):
+      positive(cfg, key)
+    choice(gl.mode, "moe.group_limited.mode", MODES)
+    if not chosen:
+      return
+    e, k = cfg.moe.num_experts, cfg.moe.top_k
+    if e % gl.num_groups:
+      fail("moe.group_limited.num_groups", gl.num_groups, f"must divide moe.num_experts={e}")
+    if gl.mode == "balanced" and k % gl.num_groups:
+      fail("moe.group_limited.num_groups", gl.num_groups,
+           f"must divide moe.top_k={k} with moe.group_limited.mode='balanced'")
+    if gl.mode == "limited":
+      if gl.top_groups > gl.num_groups:
+        fail("moe.group_limited.top_groups", gl.top_groups,
+             f"must be <= moe.group_limited.num_groups={gl.num_groups}")
+      if gl.top_groups * (e // gl.num_groups) < k:
+        fail("moe.group_limited.top_groups", gl.top_groups,
+             f"must keep at least moe.top_k={k} experts: top_groups * "
+             f"moe.num_experts / num_groups = {gl.top_groups * (e // gl.num_groups)}")
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del shape_BxL, token_ids, deterministic
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del shape_BxL, token_ids, deterministic, carry, shared
     opts = self.cfg.group_limited
     logits_TxE = gate_logits(self, x_TxD, self.cfg.num_experts)
     assignment, probs_TxE = group_limited_route(

@@ -19,11 +19,14 @@ depend on the layer, so every MoE layer routes a token id identically.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.checks import positive
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput
 from moejax.moe.types import Assignment
@@ -71,16 +74,20 @@ def hash_route(ids_T: jax.Array, num_experts: int, k: int, seed: int) -> Assignm
 class HashRouter(Router):
   """`hash_route` on the token ids; holds no parameters."""
 
-
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+  @classmethod
+  def param_count(cls, cfg_moe: ml_collections.ConfigDict, d_model: int) -> int:
     return 0
+
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    del chosen
+    positive(cfg, "moe.hash.seed", allow_zero=True)
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del deterministic
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del deterministic, carry, shared
     if token_ids is None:
       raise ValueError("moe.router='hash' routes by token id: the MoE layer "
                        "must be called with token_ids_BxL")

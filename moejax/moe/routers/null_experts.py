@@ -21,11 +21,15 @@ Slots are choice-major like `topk` (slot c*T + t), A = T * k. Metric
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.checks import positive
+from moejax.moe.metrics import Metric
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
@@ -61,16 +65,26 @@ def null_experts_route(logits_TxN: jax.Array, k: int, num_experts: int,
 class NullExpertsRouter(Router):
   """Linear gate over E + num_null choices + `null_experts_route`."""
 
+  adaptive = True
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
-    return d_model * (cfg.num_experts + cfg.null_experts.num_null)
+  @classmethod
+  def metrics(cls, cfg_moe) -> tuple[Metric, ...]:
+    return (Metric("null_fraction", summary=True),)
+
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    del chosen
+    positive(cfg, "moe.null_experts.num_null")
+
+  @classmethod
+  def param_count(cls, cfg_moe: ml_collections.ConfigDict, d_model: int) -> int:
+    return d_model * (cfg_moe.num_experts + cfg_moe.null_experts.num_null)
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del shape_BxL, token_ids, deterministic
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del shape_BxL, token_ids, deterministic, carry, shared
     opts = self.cfg.null_experts
     e = self.cfg.num_experts
     logits_TxN = gate_logits(self, x_TxD, e + opts.num_null)

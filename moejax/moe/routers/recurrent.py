@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax.layers import fan_in_init
+from moejax.checks import positive
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput
 from moejax.moe.routers.topk import topk_route
@@ -50,16 +51,20 @@ def gru_cell(p: GRUParams, x_TxR: jax.Array, h_TxR: jax.Array) -> jax.Array:
 class RecurrentRouter(Router):
   """Per-layer projections w_in / w_out around the shared GRU cell."""
 
-
   uses_carry = True
 
-  @staticmethod
-  def init_carry(num_tokens: int, cfg: ml_collections.FrozenConfigDict) -> jax.Array:
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    del chosen
+    positive(cfg, "moe.recurrent.hidden")
+
+  @classmethod
+  def init_carry(cls, num_tokens: int, cfg: ml_collections.FrozenConfigDict) -> jax.Array:
     """Router state before the first MoE layer: zeros [T, R] float32."""
     return jnp.zeros((num_tokens, cfg.recurrent.hidden), jnp.float32)
 
-  @staticmethod
-  def make_shared(module: nn.Module, d: int, cfg: ml_collections.FrozenConfigDict
+  @classmethod
+  def make_shared(cls, module: nn.Module, d: int, cfg: ml_collections.FrozenConfigDict
                   ) -> GRUParams:
     """The GRU cell's params, created in `module`'s (the model's) scope."""
     del d
@@ -72,14 +77,14 @@ class RecurrentRouter(Router):
         "b_hh": module.param("router_gru_b_hh", nn.initializers.zeros, (3 * r,)),
     }
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+  @classmethod
+  def param_count(cls, cfg: ml_collections.ConfigDict, d_model: int) -> int:
     """Router parameters per MoE layer (w_in, w_out; not the shared GRU)."""
     r = cfg.recurrent.hidden
     return d_model * r + r * cfg.num_experts
 
-  @staticmethod
-  def shared_param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+  @classmethod
+  def shared_param_count(cls, cfg: ml_collections.ConfigDict, d_model: int) -> int:
     """Parameters of the GRU cell shared by all MoE layers."""
     del d_model
     r = cfg.recurrent.hidden

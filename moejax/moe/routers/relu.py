@@ -13,8 +13,9 @@ lambda adapted every step: lambda *= alpha^sign(active - k/E), with
 fraction to k/E. lambda ("moe_state" "l1_coef") is updated after the
 optimizer step from the active-pair counts of the global batch summed over
 all MoE layers (ReMoE's single coefficient for the model-average sparsity;
-every layer's copy gets the same update). The loss `relu_l1` is returned
-already multiplied by lambda and is summed (not averaged) over layers.
+every layer's copy gets the same update). The loss `relu_l1` is reported
+already multiplied by lambda (declared with weight 1: its scale is the
+adaptive lambda, not a config key) and is summed over layers.
 
 Static shapes: the assignment has A = T * max_k slots; a token keeps its
 max_k largest positive gates, the rest are dropped and reported as
@@ -28,11 +29,16 @@ Options under `moe.relu`: max_k, l1_init (lambda_0), alpha.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.aux_losses import AuxLoss
+from moejax.checks import fail, positive
+from moejax.moe.metrics import Metric
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
@@ -78,16 +84,38 @@ def update_l1_coef(coef: jax.Array, active: jax.Array, pairs: jax.Array,
 class ReLURouter(Router):
   """Linear gate + `relu_route` + the adaptive load-balanced L1 penalty."""
 
-
+  adaptive = True
   # moejax.moe.state sums the stats over MoE layers before `update_state`.
   pool_stats_over_layers = True
 
+  @classmethod
+  def state_names(cls, cfg_moe) -> tuple[str, ...]:
+    return ("l1_coef",)
+
+  @classmethod
+  def metrics(cls, cfg_moe) -> tuple[Metric, ...]:
+    return (Metric("l1_coef"), Metric("overflow_fraction", summary=True))
+
+  @classmethod
+  def aux_losses(cls, cfg_moe) -> tuple[AuxLoss, ...]:
+    return (AuxLoss("relu_l1", None),)
+
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    opts = cfg.moe.relu
+    for key in ("moe.relu.max_k", "moe.relu.l1_init"):
+      positive(cfg, key)
+    if opts.alpha <= 1:
+      fail("moe.relu.alpha", opts.alpha, "must be > 1 (lambda is multiplied or divided by it)")
+    e, k = cfg.moe.num_experts, cfg.moe.top_k
+    if chosen and not k <= opts.max_k <= e:
+      fail("moe.relu.max_k", opts.max_k, f"must be in [moe.top_k={k}, moe.num_experts={e}]")
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del shape_BxL, token_ids, deterministic
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del shape_BxL, token_ids, deterministic, carry, shared
     opts = self.cfg.relu
     e = self.cfg.num_experts
     coef = jnp.full((), opts.l1_init, jnp.float32)
@@ -104,8 +132,8 @@ class ReLURouter(Router):
                         metrics={"l1_coef": coef, "overflow_fraction": overflow},
                         state_stats={"active": active, "pairs": pairs})
 
-  @staticmethod
-  def update_state(state: dict, stats: dict, cfg: ml_collections.FrozenConfigDict) -> dict:
+  @classmethod
+  def update_state(cls, state: dict, stats: dict, cfg: ml_collections.FrozenConfigDict) -> dict:
     """New "l1_coef" from the step's active / total (token, expert) pair counts.
 
     The coefficient never falls below `moe.relu.l1_init`: a model that trains

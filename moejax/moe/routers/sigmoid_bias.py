@@ -19,11 +19,15 @@ Options under `moe.sigmoid_bias`: rate (bias update speed), routed_scaling.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.checks import positive
+from moejax.moe.metrics import Metric
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
@@ -62,13 +66,25 @@ def update_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Arra
 class SigmoidBiasRouter(Router):
   """Linear gate + `sigmoid_bias_route`; the bias is "moe_state" "bias" [E]."""
 
+  @classmethod
+  def state_names(cls, cfg_moe) -> tuple[str, ...]:
+    return ("bias",)
 
+  @classmethod
+  def metrics(cls, cfg_moe) -> tuple[Metric, ...]:
+    return (Metric("bias_norm"),)
+
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    del chosen
+    for key in ("moe.sigmoid_bias.rate", "moe.sigmoid_bias.routed_scaling"):
+      positive(cfg, key)
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del shape_BxL, token_ids, deterministic
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del shape_BxL, token_ids, deterministic, carry, shared
     e = self.cfg.num_experts
     if self.has_variable("moe_state", "bias") or self.is_mutable_collection("moe_state"):
       bias_E = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32).value
@@ -82,8 +98,8 @@ class SigmoidBiasRouter(Router):
                         metrics={"bias_norm": jnp.linalg.norm(bias_E)},
                         state_stats={"counts": counts_E})
 
-  @staticmethod
-  def update_state(state: dict, stats: dict, cfg: ml_collections.FrozenConfigDict) -> dict:
+  @classmethod
+  def update_state(cls, state: dict, stats: dict, cfg: ml_collections.FrozenConfigDict) -> dict:
     """One layer's new "moe_state" from the step's global-batch counts [E]."""
     return {**state, "bias": update_bias(state["bias"], stats["counts"],
                                          cfg.sigmoid_bias.rate)}

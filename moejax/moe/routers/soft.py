@@ -23,11 +23,14 @@ Options under `moe.soft`: slots_per_expert.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.checks import positive
 from moejax.layers import fan_in_init
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput
@@ -57,21 +60,34 @@ class SoftRouter(Router):
   """Normalised slot logits + `soft_route` over batch-at-one-position groups."""
 
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+  @classmethod
+  def decode_refusal(cls, cfg) -> str | None:
+    del cfg
+    return ("moe.router='soft': each slot mixes the tokens at one position across the "
+            "batch, so a token's output depends on the other sequences; routed one token "
+            "at a time every slot would hold that token alone, which is not the routing "
+            "the model was trained with")
+
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    del chosen
+    positive(cfg, "moe.soft.slots_per_expert")
+
+  @classmethod
+  def param_count(cls, cfg: ml_collections.ConfigDict, d_model: int) -> int:
     """Router parameters per MoE layer."""
     return d_model * cfg.num_experts * cfg.soft.slots_per_expert + 1
 
-  @staticmethod
-  def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
+  @classmethod
+  def experts_per_token(cls, cfg: ml_collections.ConfigDict) -> float:
     """Expert applications per token: E * slots_per_expert slots per group of B tokens."""
     return cfg.moe.num_experts * cfg.moe.soft.slots_per_expert / cfg.train.batch_size
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del token_ids, deterministic
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del token_ids, deterministic, carry, shared
     e, spe = self.cfg.num_experts, self.cfg.soft.slots_per_expert
     t, d = x_TxD.shape
     phi_DxS = self.param("phi", fan_in_init(d), (d, e * spe))

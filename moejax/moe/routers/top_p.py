@@ -13,18 +13,23 @@ Options under `moe.top_p`:
       probabilities themselves, so a confident token (one expert with
       prob >= p) is not scaled up to 1 and the weights stay differentiable
       through the softmax. True rescales each token's live weights to sum 1.
-  entropy_weight: weight of the paper's dynamic loss, the mean entropy of the
-      router distribution, which keeps distributions sharp (few experts);
-      returned already weighted as losses["entropy_loss"] (absent if 0).
+  entropy_weight: weight of the paper's dynamic loss "entropy_loss", the mean
+      entropy of the router distribution, which keeps distributions sharp
+      (few experts).
 Metric `overflow_fraction`: share of tokens whose top-p set was cut by max_k.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.aux_losses import AuxLoss
+from moejax.checks import fail, positive
+from moejax.moe.metrics import Metric, mean_entropy
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
 from moejax.moe.types import Assignment
@@ -56,31 +61,40 @@ def top_p_route(logits_TxE: jax.Array, p: float, max_k: int,
   return assignment, probs_TxE, overflow_T
 
 
-def mean_entropy(probs_TxE: jax.Array) -> jax.Array:
-  """Mean over tokens of -sum_e p log p (nats)."""
-  p = probs_TxE.astype(jnp.float32)
-  return jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
-
-
 @register("top_p")
 class TopPRouter(Router):
-  """Linear gate + `top_p_route` (+ weighted entropy penalty)."""
+  """Linear gate + `top_p_route` (+ the entropy penalty)."""
 
+  adaptive = True
 
+  @classmethod
+  def metrics(cls, cfg_moe) -> tuple[Metric, ...]:
+    return (Metric("overflow_fraction", summary=True),)
+
+  @classmethod
+  def aux_losses(cls, cfg_moe) -> tuple[AuxLoss, ...]:
+    return (AuxLoss("entropy_loss", "moe.top_p.entropy_weight"),)
+
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    opts = cfg.moe.top_p
+    positive(cfg, "moe.top_p.entropy_weight", allow_zero=True)
+    positive(cfg, "moe.top_p.max_k")
+    if not 0 < opts.p <= 1:
+      fail("moe.top_p.p", opts.p, "must be in (0, 1]")
+    if chosen and opts.max_k > cfg.moe.num_experts:
+      fail("moe.top_p.max_k", opts.max_k, f"must be <= moe.num_experts={cfg.moe.num_experts}")
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del shape_BxL, token_ids, deterministic
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del shape_BxL, token_ids, deterministic, carry, shared
     opts = self.cfg.top_p
     logits_TxE = gate_logits(self, x_TxD, self.cfg.num_experts)
     assignment, probs_TxE, overflow_T = top_p_route(
         logits_TxE, opts.p, opts.max_k, opts.renormalize)
-    losses = {}
-    if opts.entropy_weight > 0:
-      losses["entropy_loss"] = opts.entropy_weight * mean_entropy(probs_TxE)
     return RouterOutput(
         assignment=assignment, logits_TxE=logits_TxE, probs_TxE=probs_TxE,
-        losses=losses,
+        losses={"entropy_loss": mean_entropy(probs_TxE)},
         metrics={"overflow_fraction": jnp.mean(overflow_T.astype(jnp.float32))})

@@ -14,21 +14,24 @@ Options under `moe.topk`:
   grown_groups: > 0: the experts are duplicates of this many original
          experts, groups of any size, each layer's membership in the
          "moe_state" variable "group" (init.grow_select='importance').
-  importance_weight, load_weight: with noise on, the router returns the
-         paper's two balancing losses, already multiplied by these weights:
-         "importance_loss" = w * CV^2 of the per-expert sums of the gates
-         (the combine weights) and "load_loss" = w * CV^2 of the per-expert
-         sums of the smooth probability (normal CDF) that the expert is in a
+  importance_weight, load_weight: with noise on, the router reports the
+         paper's two balancing losses, weighted by these keys:
+         "importance_loss" = CV^2 of the per-expert sums of the gates (the
+         combine weights) and "load_loss" = CV^2 of the per-expert sums of
+         the smooth probability (normal CDF) that the expert is in a
          token's top-k under a fresh draw of the noise.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from moejax.aux_losses import AuxLoss
+from moejax.checks import choice, fail, is_int, positive, refuse_constant_gate
 from moejax.layers import fan_in_init
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput
@@ -154,21 +157,64 @@ class TopKRouter(Router):
   (so the switch balance and z-loss see what the top-k saw).
   """
 
+  @classmethod
+  def state_names(cls, cfg_moe) -> tuple[str, ...]:
+    return ("group",) if cfg_moe.topk.get("grown_groups", 0) > 0 else ()
 
-  @staticmethod
-  def param_count(cfg: ml_collections.ConfigDict, d_model: int) -> int:
-    """Router parameters per MoE layer."""
-    return d_model * cfg.num_experts * (2 if cfg.topk.noise == "gaussian" else 1)
+  @classmethod
+  def aux_losses(cls, cfg_moe) -> tuple[AuxLoss, ...]:
+    if cfg_moe.topk.noise != "gaussian":
+      return ()
+    return (AuxLoss("importance_loss", "moe.topk.importance_weight"),
+            AuxLoss("load_loss", "moe.topk.load_weight"))
+
+  @classmethod
+  def param_count(cls, cfg_moe, d_model: int) -> int:
+    return d_model * cfg_moe.num_experts * (2 if cfg_moe.topk.noise == "gaussian" else 1)
+
+  @classmethod
+  def check_config(cls, cfg, chosen: bool) -> None:
+    moe, opts = cfg.moe, cfg.moe.topk
+    choice(opts.order, "moe.topk.order", ORDERS)
+    choice(opts.noise, "moe.topk.noise", NOISES)
+    for key in ("moe.topk.jitter", "moe.topk.importance_weight", "moe.topk.load_weight"):
+      positive(cfg, key, allow_zero=True)
+    copies, groups = opts.get("copies", 1), opts.get("grown_groups", 0)
+    if not is_int(copies) or copies < 1:
+      fail("moe.topk.copies", copies, "must be a positive integer")
+    if not is_int(groups) or groups < 0:
+      fail("moe.topk.grown_groups", groups, "must be a non-negative integer")
+    e, k = moe.num_experts, moe.top_k
+    if copies > 1:
+      if not chosen or opts.noise != "none":
+        fail("moe.topk.copies", copies, "> 1 needs moe.router='topk' with moe.topk.noise='none'")
+      if e % copies or k > e // copies:
+        fail("moe.topk.copies", copies, f"must divide moe.num_experts={e} "
+             f"into at least moe.top_k={k} groups")
+    if groups > 0:
+      if not chosen or opts.noise != "none" or copies > 1:
+        fail("moe.topk.grown_groups", groups, "> 0 needs moe.router='topk' with "
+             "moe.topk.noise='none' and moe.topk.copies=1")
+      if not k <= groups <= e:
+        fail("moe.topk.grown_groups", groups, f"must be between moe.top_k={k} and "
+             f"moe.num_experts={e}")
+    if not chosen:
+      return
+    if opts.order == "topk_softmax":
+      refuse_constant_gate("moe.top_k", k, "moe.topk.order", "topk_softmax", e,
+                           "use moe.topk.order='softmax_topk' with moe.topk.renormalize=False "
+                           "(Switch)")
+    else:
+      refuse_constant_gate("moe.top_k", k, "moe.topk.renormalize", opts.renormalize, e,
+                           "use moe.topk.renormalize=False (Switch)")
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
-               token_ids: jax.Array | None = None,
-               deterministic: bool = True) -> RouterOutput:
-    del shape_BxL, token_ids
+               token_ids: jax.Array | None = None, deterministic: bool = True,
+               carry: Any = None, shared: dict | None = None) -> RouterOutput:
+    del shape_BxL, token_ids, carry, shared
     opts = self.cfg.topk
     noise = opts.noise
-    if noise not in NOISES:
-      raise ValueError(f"moe.topk.noise={noise!r}; allowed: {NOISES}")
     d, e, k = x_TxD.shape[-1], self.cfg.num_experts, self.cfg.top_k
     x = x_TxD.astype(jnp.float32)
     if opts.jitter > 0 and not deterministic:
@@ -200,7 +246,6 @@ class TopKRouter(Router):
     if noise == "gaussian":
       imp, load = importance_load_losses(assignment, clean_TxE, logits_TxE,
                                          std_TxE, k)
-      losses = {"importance_loss": opts.importance_weight * imp,
-                "load_loss": opts.load_weight * load}
+      losses = {"importance_loss": imp, "load_loss": load}
     return RouterOutput(assignment=assignment, logits_TxE=logits_TxE,
                         probs_TxE=probs_TxE, losses=losses)

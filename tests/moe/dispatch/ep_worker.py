@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from moejax.config import default_config  # noqa: E402
 from moejax.moe import MoELayer  # noqa: E402
 from moejax.moe.dispatch import expert_parallel as epd  # noqa: E402
+from moejax.moe.experts import ExpertWeights, SwiGLUExperts  # noqa: E402
 from moejax.moe.routers import ROUTERS  # noqa: E402
 from moejax.moe.routers.sigmoid_bias import update_bias  # noqa: E402
 from moejax.moe.types import Assignment  # noqa: E402
@@ -206,7 +207,7 @@ def check_capacity_drops() -> None:
   mesh = pm.make_mesh({"data": 2, "fsdp": 1, "expert": 4})
   with jax.set_mesh(mesh):
     y, stats = jax.jit(lambda x, a, w: epd.expert_parallel_dispatch(
-        x, a, w, dtype=jnp.float32, cfg=cfg))(x, a, w)
+        x, a, ExpertWeights(w, SwiGLUExperts(), jnp.float32), cfg=cfg))(x, a, w)
   want_y, want_drop = capacity_reference(a, x, w, 8, 4, 1.0)
   close("capacity_drops/y", y, want_y, rtol=1e-4)
   close("capacity_drops/dropped_fraction", stats["dropped_fraction"], want_drop)
