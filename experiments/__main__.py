@@ -87,6 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from pallas_kernels.cpu_env import exec_with_hugepage_malloc
-  exec_with_hugepage_malloc()  # before JAX starts: fast large buffers on CPU
   main()

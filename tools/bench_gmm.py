@@ -148,6 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from pallas_kernels.cpu_env import exec_with_hugepage_malloc  # noqa: E402
-  exec_with_hugepage_malloc()  # the setup `python -m experiments` runs with
   main()

@@ -1,10 +1,13 @@
 """Fit a scaling law to a CSV (a sweep's results.csv or published data) and write fit.json.
 
   python tools/fit_scaling_laws.py --law chinchilla --csv results.csv --out fit.json
-  python tools/fit_scaling_laws.py --law chinchilla \
-      --csv ../shared/reference-data/chinchilla_epoch.csv \
+  python tools/fit_scaling_laws.py --law chinchilla --csv chinchilla_epoch \
       --col N=N_params --col D=D_tokens --col L=loss \
       --where 'epoch_outlier_excluded==0' --bootstrap 200 --out fit.json --plot fit.png
+
+--csv takes a file path or the name of a published table shipped with moejax
+(moejax/scaling/reference_data: chinchilla_epoch, clark2022_final_step,
+clark2022_curves; provenance in its README.md); an existing file wins.
 
 --col VAR=EXPR maps a law variable (or the target L / EL) to a column or an
 arithmetic expression over columns. Without it, the first of these that the
@@ -37,6 +40,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from moejax.scaling import data as tables  # noqa: E402  (repo root first on sys.path)
 from moejax.scaling.fit import compute_optimal, fit  # noqa: E402
 from moejax.scaling.laws import LAWS, get_law  # noqa: E402
+from moejax.scaling.reference import NAMES as REFERENCE_NAMES  # noqa: E402
+from moejax.scaling.reference import reference_path  # noqa: E402
 
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "L": ("L", "loss", "final_val_loss"),
@@ -83,12 +88,20 @@ def resolve_columns(law_vars: tuple[str, ...], ns: dict, cols: dict[str, str]) -
   return out
 
 
+def csv_path(value: str) -> str:
+  """--csv as a file: the path itself if it exists, else the bundled reference table."""
+  if pathlib.Path(value).exists() or value not in REFERENCE_NAMES:
+    return value
+  return str(reference_path(value))
+
+
 def load(args, law) -> tuple[dict, np.ndarray, dict[str, str], int]:
   """(X, y, column expressions, rows after --where) from the CSV and flags."""
   try:
     raw = tables.read_table(args.csv)
   except OSError as e:
-    raise SystemExit(f"--csv: cannot read {args.csv!r}: {e}") from None
+    raise SystemExit(f"--csv: cannot read {args.csv!r}: {e}; pass a .csv/.csv.gz file or "
+                     f"a bundled reference table: {list(REFERENCE_NAMES)}") from None
   ns = tables.namespace(raw)
   n = len(next(iter(raw.values())))
   mask = np.ones(n, bool)
@@ -124,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                epilog=__doc__.split("\n", 1)[1])
   ap.add_argument("--law", required=True, help=f"one of {sorted(LAWS)}")
-  ap.add_argument("--csv", required=True, help="a .csv or .csv.gz file")
+  ap.add_argument("--csv", required=True, type=csv_path,
+                  help=f"a .csv or .csv.gz file, or a bundled table: {list(REFERENCE_NAMES)}")
   ap.add_argument("--col", action="append", default=[], metavar="VAR=EXPR")
   ap.add_argument("--where", default=None, help="row filter, e.g. 'k==1 and E>1'")
   ap.add_argument("--bootstrap", type=int, default=0, help="resamples for CIs (0: none)")

@@ -1,4 +1,5 @@
-"""Scaling-law fitting: laws (`laws`), the Huber/L-BFGS fitter (`fit`), tables (`data`)."""
+"""Scaling-law fitting: laws (`laws`), the Huber/L-BFGS fitter (`fit`), tables (`data`),
+published measurements to check fits against (`reference`)."""
 
 from moejax.scaling.fit import (FitResult, compute_optimal, efficiency_leverage, fit,
                                 huber, loss_at_compute, loss_nd)

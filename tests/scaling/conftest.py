@@ -5,13 +5,13 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
-import pytest
 
 from moejax.scaling.data import read_table
 from moejax.scaling.laws import Law
+from moejax.scaling.reference import reference_path
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-REFERENCE = REPO.parent / "shared" / "reference-data"
+REFERENCE = reference_path("chinchilla_epoch").parent  # the package's reference_data/
 
 # Ground truth for the synthetic recovery tests (published values where they exist).
 TRUE = {
@@ -44,7 +44,5 @@ def synthetic(law: Law, n: int = 300, noise: float = 1e-3, seed: int = 0):
 
 
 def reference_table(name: str) -> dict[str, np.ndarray]:
-  path = REFERENCE / name
-  if not path.exists():
-    pytest.skip(f"reference data {path} absent")
-  return read_table(str(path))
+  """Columns of a table shipped in moejax/scaling/reference_data (always present)."""
+  return read_table(str(reference_path(name)))

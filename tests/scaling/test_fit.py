@@ -97,7 +97,7 @@ def _clark_data():
 def test_clark_reproduces_table3_sbase():
   """S-Base (k=1, R=0.5, seed 42) plus the dense runs as E=1. E_start and E_max are
   poorly identified (a free fit moves b and d by ~0.015-0.02), so they are held at
-  the published values, as the issue allows; a, b, c, d are then fitted."""
+  the published values and a, b, c, d are fitted."""
   X, y = _clark_data()
   assert len(y) == 58 and np.sum(X["E"] == 1) == 5
   pub = CLARK.reference

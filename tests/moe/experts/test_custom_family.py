@@ -4,8 +4,8 @@
 learned gain) lives in this file and is registered at run time; nothing in
 the package names it. It trains a few steps through every dispatcher
 (dense, capacity, dropless, and Soft MoE's slots) and, on 8 fake devices in
-a subprocess, through expert parallelism (dropless and capacity exchanges),
-whose losses must equal the one-device runs.
+a subprocess, through expert parallelism (the dropless exchange), whose
+losses must equal the one-device run.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class GainLowRank(ex.ExpertFamily):
 
 ex.register(GainLowRank)
 
-STEPS = 3
+STEPS = 2
 
 
 def _cfg(dispatch: str, router: str = "topk", expert: int = 1):
@@ -107,20 +107,17 @@ def test_family_trains_through_every_dispatcher(tmp_path):
                        timeout=900)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   ep = json.loads(out.stdout.strip().splitlines()[-1])
-  for mode in ("dropless", "capacity"):
-    np.testing.assert_allclose(ep[mode], losses[mode], rtol=1e-4, err_msg=mode)
+  np.testing.assert_allclose(ep["dropless"], losses["dropless"], rtol=1e-4)
 
 
 def _expert_parallel(workdir: str) -> None:
   assert jax.device_count() == 8, jax.device_count()
-  out = {}
-  for mode in ("dropless", "capacity"):
-    d = os.path.join(workdir, mode)
-    out[mode], _, _ = _train(_cfg(mode, expert=4), d)
-    with open(os.path.join(d, "sharding.json")) as f:
-      specs = json.load(f)["params"]
-    assert specs["moe_layers/block0/moe/experts/g"]["spec"] == [None, "expert"], specs
-  print(json.dumps(out))
+  d = os.path.join(workdir, "dropless")
+  losses, _, _ = _train(_cfg("dropless", expert=4), d)
+  with open(os.path.join(d, "sharding.json")) as f:
+    specs = json.load(f)["params"]
+  assert specs["moe_layers/block0/moe/experts/g"]["spec"] == [None, "expert"], specs
+  print(json.dumps({"dropless": losses}))
 
 
 if __name__ == "__main__":
