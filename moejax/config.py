@@ -36,6 +36,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.ffn_hidden = 512  # width of dense FFN layers
   c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-6  # epsilon of every RMSNorm
+  c.model.num_kv_heads = 0  # 0 = num_heads; fewer: grouped-query attention
+  c.model.head_dim = 0  # 0 = d_model / num_heads
+  c.model.attn_bias = "none"  # "qkv" (query/key/value biases, Qwen2) or "qkvo" (also output)
+  c.model.qk_norm = "none"  # "head" (RMSNorm per head, Qwen3) or "full" (whole projection, OLMoE)
+  c.model.attention = "mha"  # or "mla": multi-head latent attention (moejax/model/latent_attention.py)
+  c.model.mla = ml_collections.ConfigDict()
+  c.model.mla.q_lora_rank = 0  # 0 = full-rank query projection
+  c.model.mla.kv_lora_rank = 32
+  c.model.mla.qk_nope_head_dim = 16
+  c.model.mla.qk_rope_head_dim = 16
+  c.model.mla.v_head_dim = 16
   c.model.tie_embeddings = False
   c.model.dtype = "float32"  # compute dtype; params stay float32
   c.model.remat = False
@@ -58,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.capacity_factor = 1.25
   c.moe.expert_hidden = 256
   c.moe.num_shared_experts = 0
+  c.moe.shared_hidden = 0  # width of the shared experts' FFN; 0 = num_shared_experts * expert_hidden
+  c.moe.shared_gate = False  # a sigmoid gate [D, 1] on the shared experts' output (Qwen2-MoE)
   c.moe.aux_loss_weight = 0.01
   c.moe.z_loss_weight = 1e-3
   c.moe.first_dense_layers = 0
@@ -115,6 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.sigmoid_bias = ml_collections.ConfigDict()
   c.moe.sigmoid_bias.rate = 1e-3  # bias step per optimizer step
   c.moe.sigmoid_bias.routed_scaling = 1.0
+  c.moe.sigmoid_bias.renormalize = True  # weights = scores / their sum over the k (x routed_scaling)
+  c.moe.sigmoid_bias.num_groups = 1  # > 1: group-limited selection (DeepSeek-V3 n_group)
+  c.moe.sigmoid_bias.top_groups = 1  # groups kept per token (DeepSeek-V3 topk_group)
   c.moe.relu = ml_collections.ConfigDict()
   c.moe.relu.max_k = 4  # slots per token; more positive gates overflow
   c.moe.relu.l1_init = 1e-8  # initial L1 coefficient lambda

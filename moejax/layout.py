@@ -8,7 +8,7 @@ the MoE FFN ("moe"). Every leaf of a stack has a leading scan axis. So the
 MoE layers' variables, in every collection (params, moe_state,
 intermediates, ...), live under
 
-  moe_layers / block0 / moe / {router, experts, shared}
+  moe_layers / block0 / moe / {router, experts, shared, shared_gate}
 
 with period p of the stack being model layer `moe_layer_indices(cfg)[p]`.
 Every module that needs a path asks this one.
@@ -88,5 +88,6 @@ def replace(tree: dict, path: tuple[str, ...], value: Any) -> dict:
 
 
 def moe_params(params: dict) -> dict:
-  """The stacked MoE-layer params {router, experts, [shared]} (each leaf [P, ...])."""
+  """The stacked MoE-layer params {router, experts, [shared, shared_gate]} (each leaf
+  [P, ...])."""
   return get(params, MOE_PATH, "the parameter tree")

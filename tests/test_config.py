@@ -117,3 +117,91 @@ def test_top1_router_must_keep_a_gradient():
     validate(cfg)
   cfg.moe.topk.order = "softmax_topk"
   validate(cfg)  # Switch routing
+
+
+def _with(overrides) -> ml_collections.ConfigDict:
+  d = tiny_config().to_dict()  # num_heads=2, d_model=32, E=4, k=2, no shared experts
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    node = d
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return ml_collections.ConfigDict(d)
+
+
+SB = {"moe.router": "sigmoid_bias"}
+MLA = {"model.attention": "mla"}
+
+
+@pytest.mark.parametrize("overrides,words", [
+    # attention: grouped-query heads, head width, biases, q/k norms, the attention kind
+    ({"model.num_kv_heads": 3}, ["model.num_kv_heads", "3", "must divide model.num_heads=2"]),
+    ({"model.num_heads": 4, "model.num_kv_heads": 3},
+     ["model.num_kv_heads", "3", "must divide model.num_heads=4"]),
+    ({"model.num_kv_heads": -1}, ["model.num_kv_heads", "-1", "non-negative integer"]),
+    ({"model.head_dim": -8}, ["model.head_dim", "-8", "non-negative integer"]),
+    ({"model.head_dim": 7}, ["model.head_dim", "7", "even for RoPE"]),
+    ({"model.qk_norm": "foo"}, ["model.qk_norm", "'foo'", "'full'", "'head'", "'none'"]),
+    ({"model.attn_bias": "qk"}, ["model.attn_bias", "'qk'", "'qkv'", "'qkvo'"]),
+    ({"model.attention": "foo"}, ["model.attention", "'foo'", "'mha'", "'mla'"]),
+    ({"model.norm_eps": 0.0}, ["model.norm_eps", "0.0", "positive"]),
+    ({"model.num_heads": 3, "model.head_dim": 0}, ["model.num_heads", "3", "model.head_dim"]),
+    # latent attention
+    ({**MLA, "model.qk_norm": "head"}, ["model.qk_norm", "'head'", "model.attention='mla'"]),
+    ({**MLA, "model.attn_bias": "qkv"}, ["model.attn_bias", "'qkv'", "'qkvo'"]),
+    ({**MLA, "model.num_kv_heads": 1}, ["model.num_kv_heads", "1", "model.attention='mla'"]),
+    ({**MLA, "model.head_dim": 8}, ["model.head_dim", "8", "model.attention='mla'"]),
+    ({**MLA, "model.mla.qk_rope_head_dim": 3},
+     ["model.mla.qk_rope_head_dim", "3", "even for RoPE"]),
+    ({**MLA, "model.mla.kv_lora_rank": 0}, ["model.mla.kv_lora_rank", "0", "positive integer"]),
+    ({**MLA, "model.mla.v_head_dim": -1}, ["model.mla.v_head_dim", "-1", "positive integer"]),
+    ({**MLA, "model.mla.q_lora_rank": -2},
+     ["model.mla.q_lora_rank", "-2", "non-negative integer"]),
+    # attention experts are plain multi-head attention
+    ({"model.attn_experts": 2, "model.num_kv_heads": 1},
+     ["model.num_kv_heads", "1", "model.attn_experts=2"]),
+    ({"model.attn_experts": 2, **MLA}, ["model.attention", "'mla'", "model.attn_experts=2"]),
+    ({"model.attn_experts": 2, "model.qk_norm": "head"},
+     ["model.qk_norm", "'head'", "model.attn_experts=2"]),
+    # shared experts' width and gate
+    ({"moe.shared_hidden": -4}, ["moe.shared_hidden", "-4", "non-negative integer"]),
+    ({"moe.shared_hidden": 64}, ["moe.shared_hidden", "64", "moe.num_shared_experts=0"]),
+    ({"moe.shared_gate": True}, ["moe.shared_gate", "True", "moe.num_shared_experts=0"]),
+    ({"moe.shared_gate": 1}, ["moe.shared_gate", "1", "type bool"]),
+    # DeepSeek-V3 group-limited selection of the sigmoid router
+    ({**SB, "moe.sigmoid_bias.num_groups": 3},
+     ["moe.sigmoid_bias.num_groups", "3", "must divide moe.num_experts=4"]),
+    ({**SB, "moe.sigmoid_bias.num_groups": 2, "moe.sigmoid_bias.top_groups": 3},
+     ["moe.sigmoid_bias.top_groups", "3", "<= moe.sigmoid_bias.num_groups=2"]),
+    ({**SB, "moe.sigmoid_bias.top_groups": 2},
+     ["moe.sigmoid_bias.top_groups", "2", "<= moe.sigmoid_bias.num_groups=1"]),
+    ({**SB, "moe.sigmoid_bias.num_groups": 4, "moe.sigmoid_bias.top_groups": 1},
+     ["moe.sigmoid_bias.top_groups", "1", "at least moe.top_k=2"]),
+    ({"moe.sigmoid_bias.num_groups": 0},  # options are checked whichever router is chosen
+     ["moe.sigmoid_bias.num_groups", "0", "positive integer"]),
+    ({**SB, "moe.sigmoid_bias.top_groups": -1},
+     ["moe.sigmoid_bias.top_groups", "-1", "positive integer"]),
+    ({**SB, "moe.sigmoid_bias.renormalize": "yes"},
+     ["moe.sigmoid_bias.renormalize", "'yes'", "type bool"]),
+])
+def test_bad_new_model_and_moe_options(overrides, words):
+  with pytest.raises(ConfigError) as e:
+    validate(_with(overrides))
+  for w in words:
+    assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.num_kv_heads": 1, "model.attn_bias": "qkvo", "model.qk_norm": "full"},  # MQA
+    {"model.num_kv_heads": 2, "model.head_dim": 6, "model.qk_norm": "head"},
+    {"model.num_heads": 3, "model.head_dim": 8, "model.num_kv_heads": 1},  # 3 does not divide 32
+    {**MLA, "model.mla.q_lora_rank": 8, "model.attn_bias": "qkvo", "model.num_kv_heads": 2},
+    {"moe.num_shared_experts": 1, "moe.shared_hidden": 24, "moe.shared_gate": True},
+    {**SB, "moe.sigmoid_bias.num_groups": 2, "moe.sigmoid_bias.top_groups": 1,
+     "moe.sigmoid_bias.renormalize": False},
+    {"moe.sigmoid_bias.num_groups": 3},  # not the chosen router: its cross-key rules wait
+    {"model.attn_experts": 2, "model.num_kv_heads": 2, "model.head_dim": 16},  # = the defaults
+])
+def test_new_options_valid(overrides):
+  validate(_with(overrides))

@@ -12,12 +12,18 @@ import os
 
 import ml_collections
 
+from moejax.checks import lookup
 from moejax.config import flat_keys, with_defaults
 from moejax.init.grow import grown_grouping
 from moejax.layout import layer_plan
 
-# Keys that shape the parameters: a source run must agree on them.
-MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "tie_embeddings")
+# Keys that shape the parameters: a source run must agree on them (the
+# attention's form included: grouped-query K/V heads, head width, biases,
+# q/k norms, latent attention and, when either run uses it, its dims).
+MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "tie_embeddings",
+              "attention", "num_kv_heads", "head_dim", "attn_bias", "qk_norm")
+MLA_KEYS = ("mla.q_lora_rank", "mla.kv_lora_rank", "mla.qk_nope_head_dim",
+            "mla.qk_rope_head_dim", "mla.v_head_dim")
 # moe.* keys an adapter run may change on an MoE base (they do not change the
 # base parameters or what the base computes at evaluation).
 MOE_FREE_KEYS = ("adapters", "dispatch", "gmm_backend", "capacity_factor", "aux_loss_weight",
@@ -30,11 +36,24 @@ def run_config(run_dir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(with_defaults(json.load(f)))
 
 
+def _model_value(m: ml_collections.ConfigDict, key: str):
+  """model.<key> as the model uses it (0 = the default for num_kv_heads / head_dim)."""
+  if key == "num_kv_heads":
+    return m.num_kv_heads or m.num_heads
+  if key == "head_dim" and m.attention != "mla":
+    return m.head_dim or m.d_model // m.num_heads
+  return lookup(m, key)
+
+
 def _model_mismatch(src, cfg, source_key: str, path: str, keys=MODEL_KEYS) -> None:
+  if "mla" in (src.model.attention, cfg.model.attention):
+    keys = tuple(keys) + MLA_KEYS
   for k in keys:
-    if src.model[k] != cfg.model[k]:
-      raise ValueError(f"config key model.{k}={cfg.model[k]!r} does not match the source "
-                       f"run {source_key}={path!r}, which has model.{k}={src.model[k]!r}")
+    mine, theirs = _model_value(cfg.model, k), _model_value(src.model, k)
+    if mine != theirs:
+      raise ValueError(f"config key model.{k}={lookup(cfg.model, k)!r} does not match the "
+                       f"source run {source_key}={path!r}, which has "
+                       f"model.{k}={lookup(src.model, k)!r}")
 
 
 def check_sources(cfg: ml_collections.ConfigDict) -> None:
@@ -85,7 +104,8 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config key moe.topk.{key}={cfg.moe.topk[key]} is invalid: must "
                          f"be {want} (moe.topk.copies={want_c}, moe.topk.grown_groups={want_g}) "
                          f"so the grown model computes what the source did")
-    for k in ("top_k", "expert_hidden", "every", "first_dense_layers", "num_shared_experts"):
+    for k in ("top_k", "expert_hidden", "every", "first_dense_layers", "num_shared_experts",
+              "shared_hidden", "shared_gate"):
       if src.moe[k] != cfg.moe[k]:
         raise ValueError(f"config key moe.{k}={cfg.moe[k]!r} does not match the source run "
                          f"init.grow_from={init.grow_from!r}, which has {src.moe[k]!r}")

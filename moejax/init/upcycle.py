@@ -34,6 +34,7 @@ the dense attention output.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -166,8 +167,7 @@ def upcycle_params(dense_params: dict, moe_params: dict, moe_cfg: ml_collections
       if router == "zero":
         dst["attn"]["router"][idx] = 0.0
     for name in ("attn", "attn_norm", "ffn_norm"):
-      for k, v in layer[name].items():
-        dst[name][k][idx] = _checked(v, dst[name][k][idx], f"{name}/{k}")
+      _copy_into(dst[name], layer[name], idx, name)
     if is_moe_layer(moe_cfg, i):
       if router == "zero":
         dst[MOE][ROUTER] = jax.tree.map(np.zeros_like, dst[MOE][ROUTER])
@@ -181,6 +181,19 @@ def upcycle_params(dense_params: dict, moe_params: dict, moe_cfg: ml_collections
       for k, v in layer["ffn"].items():
         dst["ffn"][k][idx] = _checked(v, dst["ffn"][k][idx], f"ffn/{k}")
   return jax.tree.map(jnp.asarray, out)
+
+
+def _copy_into(dst: dict, src: dict, idx: int, name: str) -> None:
+  """dst[...][idx] = src[...] for every leaf of the (nested) `src`, e.g. an
+  attention's q/k norms {"q_norm": {"scale": ...}} or its latent-attention norms."""
+  for k, v in src.items():
+    if k not in dst:
+      raise ValueError(f"parameter {name}/{k}: the source has it, the new model does not; "
+                       "the model.* keys must match the source run's")
+    if isinstance(v, Mapping):
+      _copy_into(dst[k], v, idx, f"{name}/{k}")
+    else:
+      dst[k][idx] = _checked(v, dst[k][idx], f"{name}/{k}")
 
 
 def _checked(src: np.ndarray, dst: np.ndarray, name: str) -> np.ndarray:

@@ -1,6 +1,12 @@
 """Causal multi-head self-attention with rotary position embeddings.
 
-`CausalAttention` is the plain layer; `AttentionExperts` is a mixture of
+`CausalAttention` is the plain layer: multi-head or grouped-query
+(`model.num_kv_heads` < num_heads; 1 = multi-query), head width
+`model.head_dim` (0 = d_model / num_heads), biases `model.attn_bias`
+("qkv" as Qwen2, "qkvo" also on the output), q/k RMSNorms `model.qk_norm`
+("head": per head as Qwen3, "full": over the whole projection as OLMoE;
+epsilon `model.norm_eps`), RoPE at positions 0..L-1 or given positions.
+Multi-head latent attention is in latent_attention.py. `AttentionExperts` is a mixture of
 attention experts (MoA, `model.attn_experts` > 0): E_a attention experts with
 their own query and output projections and either one key/value projection
 shared by all experts (`model.attn_shared_kv`) or their own, mixed per token
@@ -21,7 +27,7 @@ import jax.numpy as jnp
 
 from moejax.aux_losses import AuxLoss
 from moejax.checks import fail, is_int, positive, refuse_constant_gate
-from moejax.layers import DTYPES, dot, fan_in_init, linear
+from moejax.layers import DTYPES, RMSNorm, dot, fan_in_init, linear
 from moejax.moe.losses import router_z_loss, switch_load_balance
 from moejax.moe.routers.topk import topk_route
 
@@ -41,6 +47,14 @@ def check_config(cfg) -> None:
   if not is_int(e) or e < 0:
     fail("model.attn_experts", e, "must be an integer >= 0 (0 = plain attention)")
   if e:
+    plain = {"attention": "mha", "num_kv_heads": 0, "head_dim": 0, "attn_bias": "none",
+             "qk_norm": "none"}
+    same = {"num_kv_heads": m.num_heads, "head_dim": m.d_model // m.num_heads}  # = 0
+    for key, want in plain.items():
+      got = m.get(key, want)
+      if got != want and got != same.get(key, want):
+        fail(f"model.{key}", got, f"must be {want!r} with model.attn_experts={e} (attention "
+             "experts are plain multi-head attention)")
     k = m.attn_top_k
     if not is_int(k) or not 1 <= k <= e:
       fail("model.attn_top_k", k, f"must be an integer in [1, model.attn_experts={e}]")
@@ -59,51 +73,97 @@ def check_config(cfg) -> None:
          "(the dense attention is copied into every attention expert)")
 
 
-def rope(x_BxLxHxK: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half form) at positions 0..L-1, float32."""
+def rope(x_BxLxHxK: jax.Array, theta: float, positions_BxL: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding (rotate-half form), float32; positions default to 0..L-1."""
   _, l, _, k = x_BxLxHxK.shape
   half = k // 2
   freq_H = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  ang_LxH = jnp.arange(l, dtype=jnp.float32)[:, None] * freq_H[None, :]
-  cos, sin = jnp.cos(ang_LxH)[None, :, None, :], jnp.sin(ang_LxH)[None, :, None, :]
+  pos = (jnp.arange(l, dtype=jnp.float32)[None] if positions_BxL is None
+         else positions_BxL.astype(jnp.float32))
+  ang_BxLxH = pos[..., None] * freq_H
+  cos, sin = jnp.cos(ang_BxLxH)[:, :, None, :], jnp.sin(ang_BxLxH)[:, :, None, :]
   x = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def attend(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxV: jax.Array, dt,
+           scale: float | None = None) -> jax.Array:
+  """Causal softmax attention of rotated q [.., H, K] over k, v of G = H / r groups.
+
+  Grouped-query attention: query head h reads key/value head h // r (no
+  repeated copies); G = H is multi-head attention. Returns float32 [B, L, H, V].
+  """
+  b, l, h, kd = q_BxLxHxK.shape
+  g = k_BxLxGxK.shape[2]
+  scale = 1.0 / math.sqrt(kd) if scale is None else scale
+  q = q_BxLxHxK.reshape(b, l, g, h // g, kd)
+  s = dot("blgrk,bmgk->bgrlm", q, k_BxLxGxK, dt) * scale
+  causal_LxL = jnp.tril(jnp.ones((l, l), bool))
+  s = jnp.where(causal_LxL, s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1)
+  o = dot("bgrlm,bmgv->blgrv", p, v_BxLxGxV, dt)
+  return o.reshape(b, l, h, v_BxLxGxV.shape[-1])
+
+
 class CausalAttention(nn.Module):
-  """Pre-projected MHA; a token attends to itself and earlier positions only."""
+  """Causal self-attention: multi-head or grouped-query, RoPE, optional biases and q/k norms.
+
+  Parameters: with num_kv_heads == num_heads, w_qkv [D, 3, H, K] (b_qkv [3, H, K]
+  with bias "qkv"/"qkvo"); with fewer KV heads, w_q [D, H, K] and w_kv
+  [D, 2, Hkv, K] (b_q, b_kv); w_out [H, K, D] (b_out [D] with "qkvo").
+  qk_norm "head" is an RMSNorm over each head's K dims (one gain [K] shared
+  by the heads, Qwen3), "full" one over the whole projection ([H * K] for q,
+  [Hkv * K] for k, OLMoE); both before RoPE.
+  """
 
   num_heads: int
   rope_theta: float = 10_000.0
   dtype: str = "float32"
   out_scale: float = 1.0
+  num_kv_heads: int = 0  # 0: num_heads
+  head_dim: int = 0  # 0: d_model / num_heads
+  bias: str = "none"
+  qk_norm: str = "none"
+  norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    _, l, d = x_BxLxD.shape
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+    b, l, d = x_BxLxD.shape
     h = self.num_heads
-    k = d // h
+    g = self.num_kv_heads or h
+    k = self.head_dim or d // h
     dt = DTYPES[self.dtype]
-    w_qkv = self.param("w_qkv", fan_in_init(d), (d, 3, h, k))
-    w_out = self.param("w_out", fan_in_init(d, self.out_scale), (h, k, d))
-    b = x_BxLxD.shape[0]
-    qkv = linear(x_BxLxD, w_qkv.reshape(d, 3 * h * k), dt).reshape(b, l, 3, h, k)
-    o_BxLxHxK = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.rope_theta, dt)
-    return linear(o_BxLxHxK.reshape(b, l, h * k), w_out.reshape(h * k, d), dt)
-
-
-def attend(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
-           rope_theta: float, dt) -> jax.Array:
-  """Causal softmax attention of projected q, k, v (RoPE on q and k); float32 [B, L, H, K]."""
-  l, k = q_BxLxHxK.shape[1], q_BxLxHxK.shape[-1]
-  q = rope(q_BxLxHxK, rope_theta)
-  kk = rope(k_BxLxHxK, rope_theta)
-  s_BxHxLxL = dot("blhk,bmhk->bhlm", q, kk, dt) / math.sqrt(k)
-  causal_LxL = jnp.tril(jnp.ones((l, l), bool))
-  s_BxHxLxL = jnp.where(causal_LxL, s_BxHxLxL, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s_BxHxLxL, axis=-1)
-  return dot("bhlm,bmhk->blhk", p, v_BxLxHxK, dt)
+    in_bias = self.bias in ("qkv", "qkvo")
+    if g == h:
+      w_qkv = self.param("w_qkv", fan_in_init(d), (d, 3, h, k))
+      qkv = linear(x_BxLxD, w_qkv.reshape(d, 3 * h * k), dt).reshape(b, l, 3, h, k)
+      if in_bias:
+        qkv = qkv + self.param("b_qkv", nn.initializers.zeros, (3, h, k))
+      q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      w_q = self.param("w_q", fan_in_init(d), (d, h, k))
+      w_kv = self.param("w_kv", fan_in_init(d), (d, 2, g, k))
+      q = linear(x_BxLxD, w_q.reshape(d, h * k), dt).reshape(b, l, h, k)
+      kv = linear(x_BxLxD, w_kv.reshape(d, 2 * g * k), dt).reshape(b, l, 2, g, k)
+      if in_bias:
+        q = q + self.param("b_q", nn.initializers.zeros, (h, k))
+        kv = kv + self.param("b_kv", nn.initializers.zeros, (2, g, k))
+      kk, v = kv[:, :, 0], kv[:, :, 1]
+    if self.qk_norm == "head":
+      q = RMSNorm(self.norm_eps, name="q_norm")(q)
+      kk = RMSNorm(self.norm_eps, name="k_norm")(kk)
+    elif self.qk_norm == "full":
+      q = RMSNorm(self.norm_eps, name="q_norm")(q.reshape(b, l, h * k)).reshape(b, l, h, k)
+      kk = RMSNorm(self.norm_eps, name="k_norm")(kk.reshape(b, l, g * k)).reshape(b, l, g, k)
+    q = rope(q, self.rope_theta, positions_BxL)
+    kk = rope(kk, self.rope_theta, positions_BxL)
+    o_BxLxHxK = attend(q, kk, v, dt)
+    w_out = self.param("w_out", fan_in_init(h * k, self.out_scale), (h, k, d))
+    y = linear(o_BxLxHxK.reshape(b, l, h * k), w_out.reshape(h * k, d), dt)
+    if self.bias == "qkvo":
+      y = y + self.param("b_out", nn.initializers.zeros, (d,))
+    return y
 
 
 def attention_route(logits_TxE: jax.Array, k: int, renormalize: bool = True
@@ -164,9 +224,9 @@ class AttentionExperts(nn.Module):
       q_BxLxExHxK, kv_BxLxEx2xHxK = qkv[:, :, :, 0], qkv[:, :, :, 1:]
     w_out = self.param("w_out", fan_in_init(d, self.out_scale), (e, h, k, d))
     # Experts fold into the head axis: E*H independent causal heads.
-    o = attend(q_BxLxExHxK.reshape(b, l, e * h, k),
-               kv_BxLxEx2xHxK[:, :, :, 0].reshape(b, l, e * h, k),
-               kv_BxLxEx2xHxK[:, :, :, 1].reshape(b, l, e * h, k), self.rope_theta, dt)
+    o = attend(rope(q_BxLxExHxK.reshape(b, l, e * h, k), self.rope_theta),
+               rope(kv_BxLxEx2xHxK[:, :, :, 0].reshape(b, l, e * h, k), self.rope_theta),
+               kv_BxLxEx2xHxK[:, :, :, 1].reshape(b, l, e * h, k), dt)
     x_TxD = x_BxLxD.reshape(b * l, d).astype(jnp.float32)
     logits_TxE = jnp.dot(x_TxD, w_DxE, precision="highest")
     combine_TxE, losses = attention_route(logits_TxE, self.top_k, self.renormalize)

@@ -2,9 +2,20 @@
 
 Counts follow Kaplan et al. (2020): a training step costs 6 FLOPs per active
 parameter per token (2 forward, 4 backward) plus the attention score/value
-products, 6 * num_layers * seq_len * d_model per token (causal masking not
-discounted). Active parameters are those a token uses: every non-expert
-weight plus top_k routed experts and the shared experts of each MoE layer.
+products, 6 * num_layers * seq_len * W per token (causal masking not
+discounted), W = H * (K_qk + K_v) / 2 the attention width (`attention_width`:
+d_model for plain multi-head attention, H * head_dim with model.head_dim;
+grouped-query attention shares K/V projections, not score products, so W
+ignores num_kv_heads; latent attention has K_qk = qk_nope + qk_rope head
+dims and K_v = v_head_dim). Active parameters are those a token uses: every
+non-expert weight plus top_k routed experts and the shared experts (with the
+shared gate) of each MoE layer.
+
+Attention parameters (`plain_attention_params`) follow the layer's options:
+grouped-query K/V projections (model.num_kv_heads), model.head_dim, the
+biases of model.attn_bias, the q/k norm gains of model.qk_norm, and for
+latent attention (model.attention="mla") its down/up projections, their
+norm gains and its biases.
 
 Mixture of attention experts (model.attn_experts = E_a > 0): a token uses
 attn_top_k experts' projections (params_active), but the layer computes all
@@ -18,6 +29,7 @@ import ml_collections
 
 from moejax.layout import layer_plan
 from moejax.moe.experts import get_family
+from moejax.moe.layer import shared_width
 from moejax.moe.routers import get_router
 
 
@@ -31,6 +43,42 @@ def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
   return get_router(cfg.moe.router).experts_per_token(cfg)
 
 
+def plain_attention_params(m: ml_collections.ConfigDict) -> int:
+  """Parameters of one (multi-head, grouped-query or latent) attention layer."""
+  d, h = m.d_model, m.num_heads
+  if m.get("attention", "mha") == "mla":
+    a = m.mla
+    kqk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    q = (d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * h * kqk if a.q_lora_rank
+         else d * h * kqk)
+    kv = d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank
+    kv += a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
+    out = h * a.v_head_dim * d
+    bias = 0
+    if m.attn_bias == "qkvo":
+      bias = a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim + d  # no bias on w_q
+    return q + kv + out + bias
+  k = m.get("head_dim", 0) or d // h
+  g = m.get("num_kv_heads", 0) or h
+  total = d * (h + 2 * g) * k + h * k * d
+  bias = m.get("attn_bias", "none")
+  total += (h + 2 * g) * k if bias in ("qkv", "qkvo") else 0
+  total += d if bias == "qkvo" else 0
+  qk = m.get("qk_norm", "none")
+  total += 2 * k if qk == "head" else (h + g) * k if qk == "full" else 0
+  return total
+
+
+def attention_width(m: ml_collections.ConfigDict) -> float:
+  """H * (K_qk + K_v) / 2: the width the score/value products cost per context token
+  (d_model for plain multi-head attention)."""
+  h = m.num_heads
+  if m.get("attention", "mha") == "mla":
+    a = m.mla
+    return h * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) / 2
+  return h * (m.get("head_dim", 0) or m.d_model // h)
+
+
 def attention_params(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(total, active, computed) parameters of one layer's attention.
 
@@ -41,7 +89,8 @@ def attention_params(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
   m = cfg.model
   d, e = m.d_model, m.get("attn_experts", 0)
   if not e:
-    return 4 * d * d, 4 * d * d, 4 * d * d
+    n = plain_attention_params(m)
+    return n, n, n
   per_expert, shared = (2 * d * d, 2 * d * d) if m.attn_shared_kv else (4 * d * d, 0)
   base = shared + d * e
   return base + e * per_expert, base + m.attn_top_k * per_expert, base + e * per_expert
@@ -66,8 +115,9 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   if n_periods:
     router, family = get_router(moe.router), get_family(moe)
     expert = family.param_count(d, moe.expert_hidden)
-    shared = (family.param_count(d, moe.num_shared_experts * moe.expert_hidden)
-              if moe.num_shared_experts else 0)
+    width = shared_width(moe)
+    shared = (family.param_count(d, width) + (d if moe.get("shared_gate", False) else 0)
+              if width else 0)
     base = attn + norms + router.param_count(moe, d) + shared
     total += n_periods * (base + moe.num_experts * expert)
     active += n_periods * (base - attn + attn_active + experts_per_token(cfg) * expert)
@@ -89,4 +139,5 @@ def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
   matmul_params = (c["params_active"] - c["params_embedding"] + m.vocab_size * m.d_model
                    + m.num_layers * (attn_computed - attn_active))
   heads = max(m.get("attn_experts", 0), 1)
-  return 6.0 * matmul_params + 6.0 * m.num_layers * cfg.train.seq_len * m.d_model * heads
+  return (6.0 * matmul_params
+          + 6.0 * m.num_layers * cfg.train.seq_len * attention_width(m) * heads)

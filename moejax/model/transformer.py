@@ -23,10 +23,11 @@ import ml_collections
 
 from moejax import layout
 from moejax.aux_losses import AuxLoss
-from moejax.checks import choice, fail, positive
+from moejax.checks import choice, fail, positive, positive_int
 from moejax.layers import DTYPES, RMSNorm, SwiGLU, dot, linear
 from moejax.model import attention as attention_lib
 from moejax.model.attention import AttentionExperts, CausalAttention
+from moejax.model.latent_attention import LatentAttention
 from moejax.moe import MoELayer
 from moejax.moe import adapters as adapters_lib
 from moejax.moe import layer as moe_layer
@@ -35,6 +36,9 @@ from moejax.moe.adapters import make_adapter
 from moejax.moe.routers import get_router
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTIONS = ("mha", "mla")
+ATTN_BIASES = ("none", "qkv", "qkvo")
+QK_NORMS = ("none", "head", "full")
 
 
 def aux_losses(cfg: ml_collections.ConfigDict) -> dict[str, AuxLoss]:
@@ -52,14 +56,43 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   """model.* keys (attention experts by moejax/model/attention.py)."""
   m = cfg.model
   for key in ("model.d_model", "model.num_layers", "model.num_heads",
-              "model.ffn_hidden", "model.vocab_size", "model.rope_theta"):
+              "model.ffn_hidden", "model.vocab_size", "model.rope_theta", "model.norm_eps"):
     positive(cfg, key)
+  for key in ("model.num_kv_heads", "model.head_dim"):
+    positive_int(cfg, key, allow_zero=True)
   choice(m.dtype, "model.dtype", COMPUTE_DTYPES)
-  if m.d_model % m.num_heads:
-    fail("model.num_heads", m.num_heads, f"must divide model.d_model={m.d_model}")
-  if (m.d_model // m.num_heads) % 2:
-    fail("model.num_heads", m.num_heads,
-         f"head dim d_model/num_heads={m.d_model // m.num_heads} must be even for RoPE")
+  choice(m.attention, "model.attention", ATTENTIONS)
+  choice(m.attn_bias, "model.attn_bias", ATTN_BIASES)
+  choice(m.qk_norm, "model.qk_norm", QK_NORMS)
+  if m.attention == "mla":
+    for key in ("model.mla.kv_lora_rank", "model.mla.qk_nope_head_dim",
+                "model.mla.qk_rope_head_dim", "model.mla.v_head_dim"):
+      positive_int(cfg, key)
+    positive_int(cfg, "model.mla.q_lora_rank", allow_zero=True)
+    if m.mla.qk_rope_head_dim % 2:
+      fail("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim, "must be even for RoPE")
+    for key, v in (("model.attn_bias", m.attn_bias), ("model.qk_norm", m.qk_norm)):
+      allowed = ("none", "qkvo") if key == "model.attn_bias" else ("none",)
+      if v not in allowed:
+        fail(key, v, f"with model.attention='mla' allowed: {list(allowed)}")
+    if m.num_kv_heads not in (0, m.num_heads):
+      fail("model.num_kv_heads", m.num_kv_heads, "must be 0 (or model.num_heads) with "
+           "model.attention='mla' (every head reads the shared latent)")
+    if m.head_dim:
+      fail("model.head_dim", m.head_dim, "must be 0 with model.attention='mla' (its head "
+           "widths are model.mla.qk_nope_head_dim + qk_rope_head_dim and v_head_dim)")
+  else:
+    head = m.head_dim or (m.d_model // m.num_heads)
+    if not m.head_dim and m.d_model % m.num_heads:
+      fail("model.num_heads", m.num_heads, f"must divide model.d_model={m.d_model} "
+           "(or set model.head_dim)")
+    if head % 2:
+      fail("model.num_heads" if not m.head_dim else "model.head_dim",
+           m.head_dim or m.num_heads, f"head dim {head} must be even for RoPE")
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv:
+      fail("model.num_kv_heads", m.num_kv_heads,
+           f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
   attention_lib.check_config(cfg)
 
 
@@ -85,20 +118,29 @@ class Block(nn.Module):
     m = self.cfg.model
     out_scale = 1.0 / math.sqrt(2 * m.num_layers)
     losses: dict[str, jax.Array] = {}
-    a_in = RMSNorm(name="attn_norm")(x_BxLxD)
-    if m.get("attn_experts", 0):  # mixture of attention experts (MoA)
+    eps = m.get("norm_eps", 1e-6)
+    a_in = RMSNorm(eps, name="attn_norm")(x_BxLxD)
+    if m.get("attention", "mha") == "mla":
+      h = LatentAttention(m.num_heads, m.mla.q_lora_rank, m.mla.kv_lora_rank,
+                          m.mla.qk_nope_head_dim, m.mla.qk_rope_head_dim, m.mla.v_head_dim,
+                          m.rope_theta, m.dtype, out_scale, m.attn_bias == "qkvo", eps,
+                          name="attn")(a_in)
+    elif m.get("attn_experts", 0):  # mixture of attention experts (MoA)
       h, attn_losses = AttentionExperts(
           m.num_heads, m.attn_experts, m.attn_top_k, m.attn_shared_kv, m.rope_theta, m.dtype,
           out_scale, m.get("attn_renormalize", True), name="attn")(a_in)
       losses.update(attn_losses)
     else:
-      h = CausalAttention(m.num_heads, m.rope_theta, m.dtype, out_scale, name="attn")(a_in)
+      h = CausalAttention(m.num_heads, m.rope_theta, m.dtype, out_scale,
+                          m.get("num_kv_heads", 0), m.get("head_dim", 0),
+                          m.get("attn_bias", "none"), m.get("qk_norm", "none"), eps,
+                          name="attn")(a_in)
     if (adapter := make_adapter(self.cfg, "attn")) is not None:  # moe.adapters
       delta, ad_losses = adapter(a_in)
       h = h + delta
       losses = _add(losses, ad_losses)
     x_BxLxD = x_BxLxD + h
-    z = RMSNorm(name="ffn_norm")(x_BxLxD)
+    z = RMSNorm(eps, name="ffn_norm")(x_BxLxD)
     moe_aux = None
     if self.use_moe:
       h, moe_aux, router_carry = MoELayer(self.cfg.moe, m.dtype, out_scale, name=layout.MOE)(
@@ -198,7 +240,7 @@ class TransformerLM(nn.Module):
       for k, v in out["losses"].items():
         per_name.setdefault(k, []).append(v.reshape(-1))
     aux["losses"] = {k: jnp.concatenate(v) for k, v in per_name.items()}
-    x = RMSNorm(name="final_norm")(carry[0])
+    x = RMSNorm(m.get("norm_eps", 1e-6), name="final_norm")(carry[0])
     if m.tie_embeddings:
       logits = dot("bld,vd->blv", x, embed, DTYPES[m.dtype])
     else:

@@ -3,7 +3,9 @@
 Config (`moe.*`): num_experts, top_k, router, expert (the expert family),
 dispatch, capacity_factor, expert_hidden (F of each routed expert),
 num_shared_experts (dense experts of the same family every token uses,
-DeepSeekMoE), balance / aux_loss_weight / z_loss_weight and the router's
+DeepSeekMoE; one FFN of width `shared_hidden`, default num_shared_experts *
+expert_hidden, optionally scaled per token by a sigmoid gate, `shared_gate`,
+Qwen2-MoE), balance / aux_loss_weight / z_loss_weight and the router's
 and the family's own options under `moe.<name>`. A router returning a
 `SoftAssignment` (soft) is applied by the soft dispatcher whatever
 `moe.dispatch` is, and reports load 1/E per expert and E experts per token.
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax.aux_losses import AuxLoss
-from moejax.checks import ConfigError, choice, fail, positive, reraise
+from moejax.checks import ConfigError, choice, fail, positive, positive_int, reraise
 from moejax.layers import DTYPES
 from moejax.moe import losses as moe_losses
 from moejax.moe import metrics as moe_metrics
@@ -64,8 +66,16 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   for key in ("moe.aux_loss_weight", "moe.z_loss_weight", "moe.num_shared_experts",
               "moe.first_dense_layers"):
     positive(cfg, key, allow_zero=True)
+  positive_int(cfg, "moe.shared_hidden", allow_zero=True)
   if not moe.enabled:
     return
+  if not moe.num_shared_experts:
+    if moe.get("shared_hidden", 0):
+      fail("moe.shared_hidden", moe.shared_hidden,
+           "must be 0 with moe.num_shared_experts=0 (it is the shared experts' width)")
+    if moe.get("shared_gate", False):
+      fail("moe.shared_gate", moe.shared_gate,
+           "must be False with moe.num_shared_experts=0 (it gates the shared experts)")
   choice(moe.router, "moe.router", ROUTERS)
   choice(moe.dispatch, "moe.dispatch", DISPATCHERS)
   for key in ("moe.num_experts", "moe.top_k", "moe.capacity_factor",
@@ -86,6 +96,22 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
          f"must divide model.num_layers - moe.first_dense_layers = {rest} (> 0)")
   import pallas_kernels  # noqa: PLC0415 (kept local: only MoE runs need it)
   choice(moe.gmm_backend, "moe.gmm_backend", ("auto",) + tuple(pallas_kernels.BACKENDS))
+
+
+def shared_width(cfg_moe) -> int:
+  """F of the shared experts' one FFN (0 without shared experts)."""
+  if not cfg_moe.num_shared_experts:
+    return 0
+  return cfg_moe.get("shared_hidden", 0) or cfg_moe.num_shared_experts * cfg_moe.expert_hidden
+
+
+class SharedGate(nn.Module):
+  """sigmoid(x w) [T, 1], w [D, 1] zero-initialised (a gate of 1/2 at init)."""
+
+  @nn.compact
+  def __call__(self, x_TxD: jax.Array) -> jax.Array:
+    w_Dx1 = self.param("w", nn.initializers.zeros, (x_TxD.shape[-1], 1))
+    return jax.nn.sigmoid(jnp.dot(x_TxD.astype(jnp.float32), w_Dx1, precision="highest"))
 
 
 class MoELayer(nn.Module):
@@ -151,8 +177,11 @@ class MoELayer(nn.Module):
       dispatch = expert_parallel.select(cfg, b * l) or dispatch
     y_TxD, stats = dispatch(x_TxD, route.assignment, experts, cfg=cfg)
     if cfg.num_shared_experts > 0:
-      y_TxD = y_TxD + SharedExperts(family, cfg.num_shared_experts * cfg.expert_hidden,
-                                    dtype, self.out_scale, name="shared")(x_TxD)
+      y_shared = SharedExperts(family, shared_width(cfg), dtype, self.out_scale,
+                               name="shared")(x_TxD)
+      if cfg.get("shared_gate", False):
+        y_shared = y_shared * SharedGate(name="shared_gate")(x_TxD)
+      y_TxD = y_TxD + y_shared
 
     if soft:  # every expert processes the same number of slots: uniform load
       counts_E = jnp.ones((cfg.num_experts,), jnp.float32)

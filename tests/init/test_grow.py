@@ -203,6 +203,9 @@ def test_config_option_and_errors(tmp_path):
   assert_refused(cfg, {"moe.topk.copies": 1}, "moe.topk.copies=1")
   assert_refused(cfg, {"moe.num_experts": 12, "moe.topk.copies": 3}, "moe.num_experts=12")
   assert_refused(cfg, {"init.grow_factor": 0}, "init.grow_factor=0")
+  # The attention's form must match the source's too (MODEL_KEYS).
+  assert_refused(cfg, {"model.num_kv_heads": 1}, "model.num_kv_heads=1")
+  assert_refused(cfg, {"model.qk_norm": "head"}, "model.qk_norm='head'")
 
 
 def assert_refused(cfg, changes: dict, match: str) -> None:

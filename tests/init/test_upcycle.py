@@ -68,6 +68,45 @@ def test_split_upcycled_with_zero_router_equals_dense(dense):
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
+def _set_model(cfg, model: dict):
+  for key, value in model.items():
+    node = cfg.model
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return cfg
+
+
+@pytest.mark.parametrize("model", [
+    {"num_kv_heads": 1, "qk_norm": "head", "attn_bias": "qkvo"},  # nested q/k norm params
+    {"attention": "mla", "mla.q_lora_rank": 8, "attn_bias": "qkvo"},  # MLA's norms
+])
+def test_copy_upcycled_logits_equal_dense_with_attention_options(model):
+  """The attention, whatever its form (GQA, biases, q/k norms, MLA), is carried over."""
+  params, want = dense_reference(_set_model(dense_config(), model), IDS)
+  cfg = _set_model(moe_config(num_experts=4, top_k=2, expert_hidden=64), model)
+  fresh = lm.init(jax.random.key(3), cfg)
+  up = upcycle_params(params, fresh["params"], cfg, mode="copy")
+  got, _ = lm.apply({**fresh, "params": up}, IDS, cfg)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def _zeros(cfg):  # a param tree of cfg's structure, nothing compiled
+  shapes = jax.eval_shape(lambda k: lm.init(k, cfg), jax.random.key(0))["params"]
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+
+
+def test_upcycling_refuses_a_different_attention():
+  dense = _zeros(_set_model(dense_config(), {"qk_norm": "head"}))
+  cfg = moe_config(num_experts=4, top_k=2, expert_hidden=64)
+  with pytest.raises(ValueError, match="attn/[qk]_norm: the source has it"):
+    upcycle_params(dense, _zeros(cfg), cfg, mode="copy")
+  dense = _zeros(_set_model(dense_config(), {"num_kv_heads": 1}))  # w_q, w_kv vs w_qkv
+  with pytest.raises(ValueError, match="attn/w_(q|kv): the source has it"):
+    upcycle_params(dense, _zeros(cfg), cfg, mode="copy")
+
+
 def _swiglu(x, g, u, d):
   h = x @ g
   return ((h / (1 + np.exp(-h))) * (x @ u)) @ d
@@ -145,6 +184,18 @@ def test_config_option_and_errors(dense_run, tmp_path):
   bad.model.d_model = 64
   with pytest.raises(ConfigError, match="model.d_model=64"):
     validate(bad)
+  # The attention's form must match the source's (MODEL_KEYS); 0 and its meaning agree.
+  for key, value in (("num_kv_heads", 1), ("attention", "mla"), ("attn_bias", "qkv"),
+                     ("qk_norm", "full"), ("head_dim", 8)):
+    bad = moe_config(num_experts=4, top_k=2, expert_hidden=64)
+    bad.init.from_dense = dense_run
+    bad.model[key] = value
+    with pytest.raises(ConfigError, match=f"model.{key}={value!r}.*init.from_dense"):
+      validate(bad)
+  same = moe_config(num_experts=4, top_k=2, expert_hidden=64)
+  same.init.from_dense = dense_run
+  same.model.num_kv_heads, same.model.head_dim = 2, 16  # = num_heads, d_model / num_heads
+  validate(same)
 
 
 def test_tool_writes_a_run_that_continues(dense_run, tmp_path):

@@ -155,3 +155,77 @@ def test_expert_choice_active_experts_follow_capacity():
   assert experts_per_token(cfg) == 2.0  # C = 4 tokens of 8, times 4 experts
   cfg.moe.capacity_factor = 0.3  # C = ceil(1.2) = 2
   assert experts_per_token(cfg) == 1.0
+
+
+def _set(cfg, overrides):
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg
+
+
+ATTENTION_VARIANTS = [
+    {"model.num_kv_heads": 1},  # multi-query
+    {"model.num_heads": 4, "model.num_kv_heads": 2, "model.attn_bias": "qkv",
+     "model.qk_norm": "head"},  # Qwen3 / Qwen2-style
+    {"model.num_kv_heads": 1, "model.head_dim": 6, "model.attn_bias": "qkvo",
+     "model.qk_norm": "full"},  # OLMoE-style norms, head_dim != d_model / num_heads
+    {"model.num_heads": 3, "model.head_dim": 10, "model.qk_norm": "full"},  # MHA, fused w_qkv
+    {"model.attention": "mla"},  # full-rank queries
+    {"model.attention": "mla", "model.mla.q_lora_rank": 12, "model.attn_bias": "qkvo",
+     "model.mla.v_head_dim": 8},  # DeepSeek-V3-style
+]
+
+
+@pytest.mark.parametrize("overrides", ATTENTION_VARIANTS + [
+    {"moe.num_shared_experts": 1, "moe.shared_hidden": 24, "moe.shared_gate": True},
+    {"moe.num_shared_experts": 2, "moe.shared_gate": True, "moe.first_dense_layers": 1},
+    {"model.attention": "mla", "model.mla.q_lora_rank": 8, "moe.num_shared_experts": 1,
+     "moe.shared_gate": True, "moe.router": "sigmoid_bias", "moe.sigmoid_bias.num_groups": 2},
+    {"model.num_kv_heads": 1, "model.attn_bias": "qkvo", "moe.enabled": False},
+])
+def test_param_counts_match_init_for_model_options(overrides):
+  """The counted total equals the initialised tree's size (GQA, biases, norms, MLA, gates)."""
+  cfg = _set(tiny_config(), overrides)
+  p = jax.eval_shape(lambda k: lm.init(k, cfg), jax.random.key(0))["params"]
+  counts = lm.param_counts(cfg)
+  assert counts["params_total"] == sum(x.size for x in jax.tree.leaves(p))
+  if cfg.moe.enabled:  # only the routed experts a token does not use are inactive
+    inactive = layer_plan(cfg)[1] * (cfg.moe.num_experts - cfg.moe.top_k) * 3 * 32 * 32
+    assert counts["params_active"] == counts["params_total"] - inactive
+
+
+def test_attention_width_in_flops():
+  """Score/value products cost H * (K_qk + K_v) / 2 per context token: d_model for MHA and
+  for GQA (fewer K/V heads, the same scores), H * head_dim with head_dim, MLA's own dims."""
+  from moejax.model.counting import attention_width  # noqa: PLC0415
+  m = tiny_config().model  # d_model 32, 2 heads
+  assert attention_width(m) == 32
+  m.num_kv_heads = 1
+  assert attention_width(m) == 32
+  m.head_dim = 6
+  assert attention_width(m) == 12
+  m.head_dim, m.attention = 0, "mla"
+  m.mla.qk_nope_head_dim, m.mla.qk_rope_head_dim, m.mla.v_head_dim = 8, 4, 6
+  assert attention_width(m) == 2 * (8 + 4 + 6) / 2
+  cfg = _set(tiny_config(), {"model.head_dim": 6})
+  c = lm.param_counts(cfg)
+  assert lm.flops_per_token(cfg) == (
+      6 * (c["params_active"] - c["params_embedding"] + 258 * 32)
+      + 6 * 2 * cfg.train.seq_len * 12)
+
+
+def test_causal_with_latent_attention():
+  """The whole LM stays causal with latent attention (grouped-query attention: the layer
+  tests in test_attention.py)."""
+  cfg = _set(tiny_config(), {**ATTENTION_VARIANTS[5], "moe.dispatch": "dense"})
+  variables = lm.init(jax.random.key(1), cfg)
+  ids = _ids(cfg)
+  t = 6
+  ids2 = ids.at[:, t + 1:].set((ids[:, t + 1:] + 17) % 256)
+  a, b = lm.apply(variables, ids, cfg)[0], lm.apply(variables, ids2, cfg)[0]
+  np.testing.assert_array_equal(np.asarray(a[:, :t + 1]), np.asarray(b[:, :t + 1]))
+  assert not np.allclose(a[:, t + 1:], b[:, t + 1:])

@@ -25,10 +25,11 @@ METRIC_KEYS = {"load", "load_max_over_mean", "load_cv", "router_entropy",
 
 
 def _cfg(e=4, k=2, dispatch="dense", shared=0, order="softmax_topk",
-         renormalize=True, cf=1.25):
+         renormalize=True, cf=1.25, shared_hidden=0, shared_gate=False):
   c = default_config().moe
   c.num_experts, c.top_k, c.expert_hidden = e, k, F
   c.dispatch, c.num_shared_experts, c.capacity_factor = dispatch, shared, cf
+  c.shared_hidden, c.shared_gate = shared_hidden, shared_gate
   c.topk.order, c.topk.renormalize = order, renormalize
   return ml_collections.FrozenConfigDict(c)
 
@@ -78,7 +79,10 @@ def _reference_layer(p, x, cfg):
   if cfg.num_shared_experts:
     s = p["shared"]
     for i in range(t):
-      y[i] += ref.swiglu(x_TxD[i], s["w_gate"], s["w_up"], s["w_down"])
+      gate = 1.0
+      if cfg.shared_gate:  # Qwen2-MoE: sigmoid(x . w_g) scales the shared output
+        gate = 1.0 / (1.0 + np.exp(-float(x_TxD[i] @ p["shared_gate"]["w"][:, 0])))
+      y[i] += gate * ref.swiglu(x_TxD[i], s["w_gate"], s["w_up"], s["w_down"])
   counts = ref.counts(exp, valid, cfg.num_experts)
   losses = {"load_balance": ref.switch_load_balance(probs, counts),
             "z_loss": ref.router_z_loss(logits)}
@@ -205,6 +209,57 @@ def test_shared_experts_add_a_dense_swiglu():
   for k in LOSS_KEYS:
     np.testing.assert_array_equal(np.asarray(aux2["losses"][k]),
                                   np.asarray(aux0["losses"][k]))
+
+
+@pytest.mark.parametrize("dispatch,shared,shared_hidden,gate", [
+    ("dense", 1, 24, True),  # Qwen2-MoE: one gated shared expert of its own width
+    ("dropless", 2, 0, True),  # width num_shared_experts * expert_hidden, gated
+    ("dropless", 1, 40, False),  # DeepSeek-style: own width, ungated
+])
+def test_shared_width_and_gate_match_numpy(dispatch, shared, shared_hidden, gate):
+  cfg = _cfg(dispatch=dispatch, shared=shared, cf=4.0, shared_hidden=shared_hidden,
+             shared_gate=gate)
+  x = _x(6)
+  params, apply = _init(cfg, x, seed=7)
+  p = params["params"]
+  width = shared_hidden or shared * F
+  assert p["shared"]["w_gate"].shape == (D, width) and p["shared"]["w_up"].shape == (D, width)
+  assert p["shared"]["w_down"].shape == (width, D)
+  assert ("shared_gate" in p) == gate
+  if gate:
+    assert p["shared_gate"]["w"].shape == (D, 1)
+  y, aux = apply(params, jnp.asarray(x))
+  _assert_aux_schema(aux, 4)
+  y_ref, losses, _ = _reference_layer(_np_params(params), x, cfg)
+  np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5)
+  for k, v in losses.items():
+    np.testing.assert_allclose(np.asarray(aux["losses"][k]), v, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_gate_scales_the_shared_output():
+  """y = routed + sigmoid(x w_g) * shared(x): with w_g = 0 the shared output is halved."""
+  x = _x(8)
+  cfg_gate = _cfg(dispatch="dense", shared=1, cf=4.0, shared_hidden=24, shared_gate=True)
+  params, apply = _init(cfg_gate, x, seed=9)
+  cfg_plain = _cfg(dispatch="dense", shared=1, cf=4.0, shared_hidden=24)
+  _, apply_plain = _layer(cfg_plain)
+  plain = {"params": {k: v for k, v in params["params"].items() if k != "shared_gate"}}
+  no_shared = {"params": {**plain["params"],
+                          "shared": jax.tree.map(jnp.zeros_like, plain["params"]["shared"])}}
+  routed, _ = apply_plain(no_shared, jnp.asarray(x))
+  full, _ = apply_plain(plain, jnp.asarray(x))
+  shared_out = np.asarray(full) - np.asarray(routed)
+  w_g = np.asarray(params["params"]["shared_gate"]["w"], np.float64)
+  gate_BxLx1 = 1.0 / (1.0 + np.exp(-(x.astype(np.float64) @ w_g)))
+  y, _ = apply(params, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(routed) + gate_BxLx1 * shared_out,
+                             rtol=1e-5, atol=1e-5)
+  zero = {"params": {**params["params"], "shared_gate": {"w": jnp.zeros((D, 1))}}}
+  y0, _ = apply(zero, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(y0), np.asarray(routed) + 0.5 * shared_out,
+                             rtol=1e-5, atol=1e-5)
+  init = jax.jit(_layer(cfg_gate)[0].init)(jax.random.key(0), jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(init["params"]["shared_gate"]["w"]), 0.0)
 
 
 def test_metrics_with_skewed_routing():

@@ -75,6 +75,8 @@ VARIANTS = {
     "topk": [{"topk.noise": "gaussian"}],
     "group_limited": [{"group_limited.mode": "balanced"}],
     "expert_choice": [{"expert_choice.group": "batch"}],
+    "sigmoid_bias": [{"sigmoid_bias.num_groups": 2, "sigmoid_bias.top_groups": 1,
+                      "sigmoid_bias.renormalize": False}],
 }
 # Capacity dispatch must drop nothing to equal `dense`: E / k suffices for
 # token-choice routers (each token uses an expert at most once); expert

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from hypothesis import given, settings, strategies as st
 
 from moejax.config import default_config
 from moejax.moe import MoELayer
@@ -126,3 +127,150 @@ def test_trainer_updates_checkpoints_and_logs_bias(tmp_path):
     rows = [json.loads(ln) for ln in f]
   logged = [r["moe/layer1/bias_norm"] for r in rows if "moe/layer1/bias_norm" in r]
   assert logged and logged[0] == 0.0 and logged[-1] > 0.0  # step 1 sees the zero init
+
+
+# --- renormalize and DeepSeek-V3 group-limited selection ---------------------------------
+
+def _ref_route(logits, bias, k, scaling=1.0, renormalize=True, num_groups=1, top_groups=1):
+  """DeepSeek-V3's routing (HF DeepseekV3TopkRouter), token by token in NumPy float64.
+
+  scores = sigmoid(logits); corrected = scores + bias; group score = sum of the top-2
+  corrected scores of the group (top-1 for one-expert groups); keep the top_groups best
+  groups; top-k experts of the kept groups by corrected score; weights = the *uncorrected*
+  scores of those experts, / their sum if renormalize, x routed scaling. Ties: lower index.
+  Returns (experts [T, k], weights [T, k]) in descending corrected score.
+  """
+  logits = np.asarray(logits, np.float64)
+  t, e = logits.shape
+  size = e // num_groups
+  experts, weights = np.zeros((t, k), np.int64), np.zeros((t, k))
+  for i in range(t):
+    scores = 1.0 / (1.0 + np.exp(-logits[i]))
+    corrected = scores + np.asarray(bias, np.float64)
+    allowed = np.ones(e, bool)
+    if num_groups > 1:
+      group_score = [sum(sorted(corrected[g * size:(g + 1) * size])[-2:])
+                     for g in range(num_groups)]
+      kept = np.argsort(-np.array(group_score), kind="stable")[:top_groups]
+      allowed = np.array([j // size in kept for j in range(e)])
+    order = [j for j in np.argsort(-corrected, kind="stable") if allowed[j]]
+    idx = np.array(order[:k])
+    w = scores[idx]
+    if renormalize:
+      w = w / w.sum()
+    experts[i], weights[i] = idx, w * scaling
+  return experts, weights
+
+
+def _unpack(a, t, k):
+  """Choice-major slots -> [T, k] experts and weights."""
+  return (np.asarray(a.expert).reshape(k, t).T, np.asarray(a.weight).reshape(k, t).T)
+
+
+def test_group_limited_hand_computed():
+  """E=6 in 3 groups of 2. Token 0: group scores (corrected) .9+.8, .95+.1, .5+.4 -> with
+  top_groups=1 only group 0, although expert 2 has the best score. The bias lifts group 2."""
+  scores = np.array([[0.9, 0.8, 0.95, 0.1, 0.5, 0.4]])
+  logits = jnp.asarray(np.log(scores / (1 - scores)), jnp.float32)
+  a, _ = sigmoid_bias_route(logits, jnp.zeros(6), k=2, num_groups=3, top_groups=1)
+  e, w = _unpack(a, 1, 2)
+  np.testing.assert_array_equal(e, [[0, 1]])
+  np.testing.assert_allclose(w, [[0.9 / 1.7, 0.8 / 1.7]], rtol=1e-5)
+  # Two groups kept: {0, 1}; expert 2 (.95) now wins, then expert 0.
+  a, _ = sigmoid_bias_route(logits, jnp.zeros(6), k=2, num_groups=3, top_groups=2)
+  np.testing.assert_array_equal(_unpack(a, 1, 2)[0], [[2, 0]])
+  # A bias of +1 on expert 5 makes group 2 the best (0.5 + 1.4); its weights stay unbiased.
+  bias = jnp.array([0, 0, 0, 0, 0, 1.0])
+  a, _ = sigmoid_bias_route(logits, bias, k=2, num_groups=3, top_groups=1, renormalize=False,
+                            routed_scaling=2.5)
+  e, w = _unpack(a, 1, 2)
+  np.testing.assert_array_equal(e, [[5, 4]])
+  np.testing.assert_allclose(w, [[2.5 * 0.4, 2.5 * 0.5]], rtol=1e-5)
+
+
+def test_group_score_is_top2_sum_not_max():
+  """Group 0 has the single best expert, group 1 the best top-2 sum: group 1 is kept."""
+  scores = np.array([[0.99, 0.01, 0.7, 0.7]])
+  logits = jnp.asarray(np.log(scores / (1 - scores)), jnp.float32)
+  a, _ = sigmoid_bias_route(logits, jnp.zeros(4), k=1, num_groups=2, top_groups=1)
+  assert int(a.expert[0]) in (2, 3)
+
+
+@st.composite
+def _routing_case(draw):
+  num_groups = draw(st.sampled_from([1, 2, 3, 4]))
+  size = draw(st.integers(1, 4))
+  top_groups = draw(st.integers(1, num_groups))
+  k = draw(st.integers(1, top_groups * size))
+  return dict(t=draw(st.integers(1, 6)), e=num_groups * size, k=k, num_groups=num_groups,
+              top_groups=top_groups, renormalize=draw(st.booleans()),
+              scaling=draw(st.sampled_from([1.0, 2.5])), seed=draw(st.integers(0, 2**16)))
+
+
+_jit_route = jax.jit(sigmoid_bias_route, static_argnums=(2, 3, 4, 5, 6))
+
+
+@settings(derandomize=True, deadline=None, max_examples=25)
+@given(case=_routing_case())
+def test_route_matches_deepseek_v3_reference(case):
+  rng = np.random.default_rng(case["seed"])
+  t, e, k = case["t"], case["e"], case["k"]
+  logits = rng.standard_normal((t, e)).astype(np.float32) * 2
+  bias = (rng.standard_normal(e) * 0.3).astype(np.float32)
+  a, probs = _jit_route(jnp.asarray(logits), jnp.asarray(bias), k, case["scaling"],
+                        case["renormalize"], case["num_groups"], case["top_groups"])
+  want_e, want_w = _ref_route(logits, bias, k, case["scaling"], case["renormalize"],
+                              case["num_groups"], case["top_groups"])
+  got_e, got_w = _unpack(a, t, k)
+  np.testing.assert_array_equal(got_e, want_e)
+  np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(a.token), np.tile(np.arange(t), k))
+  assert bool(jnp.all(a.valid))
+  size = e // case["num_groups"]  # every pick lies in at most top_groups groups
+  assert all(len(set(row // size)) <= case["top_groups"] for row in got_e)
+  if case["renormalize"]:
+    np.testing.assert_allclose(got_w.sum(1), case["scaling"], rtol=1e-5)
+  sig = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  np.testing.assert_allclose(probs, sig / sig.sum(1, keepdims=True), rtol=1e-5)
+
+
+def test_one_group_is_plain_selection():
+  """num_groups=1 (and top_groups=1) is the ungrouped router, for any bias."""
+  rng = np.random.default_rng(7)
+  logits = jnp.asarray(rng.standard_normal((5, 8)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(8) * 0.5, jnp.float32)
+  a0, _ = sigmoid_bias_route(logits, bias, 3)
+  a1, _ = sigmoid_bias_route(logits, bias, 3, num_groups=1, top_groups=1)
+  np.testing.assert_array_equal(a0.expert, a1.expert)
+  np.testing.assert_array_equal(a0.weight, a1.weight)
+
+
+def test_grouped_bias_gets_no_gradient_and_weights_do():
+  logits = jnp.asarray(np.random.default_rng(8).standard_normal((3, 6)), jnp.float32)
+
+  def total(lg, bias):
+    a, _ = sigmoid_bias_route(lg, bias, 2, num_groups=3, top_groups=2, renormalize=False)
+    return jnp.sum(a.weight)
+
+  np.testing.assert_array_equal(jax.grad(total, 1)(logits, jnp.zeros(6)), 0.0)
+  assert float(jnp.sum(jnp.abs(jax.grad(total, 0)(logits, jnp.zeros(6))))) > 0
+
+
+def test_layer_reads_group_options():
+  c = default_config().moe
+  c.router, c.num_experts, c.top_k, c.expert_hidden, c.dispatch = (
+      "sigmoid_bias", 6, 2, 8, "dense")
+  c.sigmoid_bias.num_groups, c.sigmoid_bias.top_groups = 3, 1
+  c.sigmoid_bias.renormalize, c.sigmoid_bias.routed_scaling = False, 2.0
+  cfg = ml_collections.FrozenConfigDict(c)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  layer = MoELayer(cfg)
+  variables = layer.init(jax.random.key(1), x)
+  variables = {**variables, "moe_state": {"router": {"bias": jnp.arange(6.0) * 0.1}}}
+  _, aux, _ = layer.apply(variables, x)
+  counts = np.asarray(aux["state_stats"]["counts"])
+  # Each token's two picks lie in one group: per group, the counts sum to a multiple of 2.
+  assert counts.sum() == 12 and all(counts.reshape(3, 2).sum(1) % 2 == 0)
+  logits = np.asarray(x).reshape(6, 8) @ np.asarray(variables["params"]["router"]["w_gate"])
+  e_ref, _ = _ref_route(logits, np.arange(6.0) * 0.1, 2, 2.0, False, 3, 1)
+  np.testing.assert_array_equal(counts, np.bincount(e_ref.ravel(), minlength=6))

@@ -38,6 +38,17 @@ from moejax.moe.types import Assignment
 MODES = ("limited", "balanced")
 
 
+def check_top_groups(cfg, prefix: str, num_groups: int, top_groups: int) -> None:
+  """Group-limited routing keeps top_groups of num_groups, and at least top_k experts."""
+  e, k = cfg.moe.num_experts, cfg.moe.top_k
+  if top_groups > num_groups:
+    fail(f"{prefix}.top_groups", top_groups, f"must be <= {prefix}.num_groups={num_groups}")
+  if top_groups * (e // num_groups) < k:
+    fail(f"{prefix}.top_groups", top_groups,
+         f"must keep at least moe.top_k={k} experts: top_groups * moe.num_experts / "
+         f"num_groups = {top_groups * (e // num_groups)}")
+
+
 def group_mask(probs_TxE: jax.Array, num_groups: int, top_groups: int) -> jax.Array:
   """[T, E] bool: experts in each token's `top_groups` best groups.
 
@@ -115,13 +126,7 @@ class GroupLimitedRouter(Router):
       fail("moe.group_limited.num_groups", gl.num_groups,
            f"must divide moe.top_k={k} with moe.group_limited.mode='balanced'")
     if gl.mode == "limited":
-      if gl.top_groups > gl.num_groups:
-        fail("moe.group_limited.top_groups", gl.top_groups,
-             f"must be <= moe.group_limited.num_groups={gl.num_groups}")
-      if gl.top_groups * (e // gl.num_groups) < k:
-        fail("moe.group_limited.top_groups", gl.top_groups,
-             f"must keep at least moe.top_k={k} experts: top_groups * "
-             f"moe.num_experts / num_groups = {gl.top_groups * (e // gl.num_groups)}")
+      check_top_groups(cfg, "moe.group_limited", gl.num_groups, gl.top_groups)
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],
