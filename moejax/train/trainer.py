@@ -194,6 +194,11 @@ def evaluate(eval_step, state: State, batches: list[dict]) -> dict[str, float]:
 
 def init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> State:
   variables = init_hooks.initial_variables(cfg, lm.init(jax.random.key(cfg.seed), cfg))
+  return state_from_variables(variables, tx)
+
+
+def state_from_variables(variables: dict, tx: optax.GradientTransformation) -> State:
+  """A step-0 training state around given variables (fresh optimizer state, counters 0)."""
   params = variables["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "opt_state": tx.init(params),

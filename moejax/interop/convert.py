@@ -1,0 +1,151 @@
+"""Hugging Face checkpoint directory <-> moejax run directory.
+
+`from_hf(hf_dir, run_dir)` writes an ordinary run directory: config.json
+(the moejax config), checkpoints/0 (the trainer's orbax format: params,
+fresh optimizer state, router state, data iterator state), and
+hf_config.json (the source config.json, so `to_hf` keeps the family and
+the keys moejax does not model: token ids, max_position_embeddings).
+`python -m experiments --workdir RUN_DIR` continues training from it.
+`to_hf(run_dir, hf_dir)` writes config.json + safetensors shards that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from moejax.interop import mapping, registry
+from moejax.interop.errors import ConversionError
+from moejax.interop.hf_config import HFConfig
+from moejax.interop.safetensors_io import TensorReader, write_tensors
+
+HF_CONFIG = "hf_config.json"
+# Keys `from_hf` may set besides the mapped ones: they do not change the model.
+OVERRIDABLE = ("name", "seed", "train.", "data.", "parallel.", "moe.dispatch", "moe.gmm_backend",
+               "moe.capacity_factor", "moe.aux_loss_weight", "moe.z_loss_weight", "moe.balance",
+               "moe.sigmoid_bias.rate", "model.dtype", "model.remat")
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  """config.json of a local checkpoint directory (a hub name is refused: download it first)."""
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isdir(hf_dir):
+    parts = hf_dir.split("/")
+    hub_like = (not os.path.exists(hf_dir) and len(parts) == 2 and all(parts)
+                and not hf_dir.startswith("."))
+    hint = (f"; if it is a hub name, download it first: `huggingface-cli download {hf_dir} "
+            "--local-dir DIR`, then pass DIR" if hub_like else "")
+    raise ConversionError(f"{hf_dir!r} is not a checkpoint directory{hint}")
+  if not os.path.exists(path):
+    raise ConversionError(f"{hf_dir!r} has no config.json")
+  with open(path) as f:
+    return json.load(f)
+
+
+def hf_to_config(hf_dict: dict) -> ml_collections.ConfigDict:
+  """The moejax config of a Hugging Face config.json (refusing what is not supported)."""
+  model_type = hf_dict.get("model_type")
+  fam = registry.get(model_type)
+  hf = HFConfig(hf_dict, model_type)
+  cfg = fam.module.config_from_hf(hf)
+  hf.finish()
+  return cfg
+
+
+def _apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+  for key, value in overrides.items():
+    if not any(key == o or (o.endswith(".") and key.startswith(o)) for o in OVERRIDABLE):
+      raise ConversionError(f"override {key}={value!r} is not allowed: the converted "
+                            f"checkpoint fixes it; allowed: {list(OVERRIDABLE)}")
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ConversionError(f"override {key}={value!r}: unknown config key")
+    node[leaf] = value
+
+
+def _validate(cfg: ml_collections.ConfigDict, what: str) -> None:
+  from moejax.validation import validate  # noqa: PLC0415
+
+  try:
+    validate(cfg)
+  except ValueError as e:
+    raise ConversionError(f"{what} is not a valid moejax config: {e}") from e
+
+
+def load_hf(hf_dir: str, overrides: dict[str, Any] | None = None
+            ) -> tuple[ml_collections.ConfigDict, dict, dict]:
+  """(moejax config, variables {collection: tree of float32 arrays}, the HF config dict)."""
+  hf_dict = read_hf_config(hf_dir)
+  cfg = hf_to_config(hf_dict)
+  _apply_overrides(cfg, overrides or {})
+  _validate(cfg, f"the config converted from {hf_dir!r}")
+  fam = registry.get(hf_dict["model_type"])
+  with TensorReader(hf_dir) as reader:
+    variables = mapping.from_hf(cfg, fam.module.tensors(cfg, hf_dict), reader)
+  return cfg, variables, hf_dict
+
+
+def from_hf(hf_dir: str, run_dir: str, overrides: dict[str, Any] | None = None
+            ) -> ml_collections.ConfigDict:
+  """Writes the run directory of a Hugging Face checkpoint; returns its config."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from moejax.init import hooks as init_hooks  # noqa: PLC0415
+  from moejax.train import data as data_lib  # noqa: PLC0415
+  from moejax.train import trainer  # noqa: PLC0415
+  from moejax.train.checkpoint import Checkpointer  # noqa: PLC0415
+  from moejax.train.optimizer import make_optimizer  # noqa: PLC0415
+
+  for name in ("config.json", "checkpoints"):
+    if os.path.exists(os.path.join(run_dir, name)):
+      raise ConversionError(f"run directory {run_dir!r} already holds {name}; give a new one")
+  cfg, variables, hf_dict = load_hf(hf_dir, overrides)
+  os.makedirs(run_dir, exist_ok=True)
+  variables = {k: _tree_map(jnp.asarray, v) for k, v in variables.items()}
+  tx = init_hooks.wrap_optimizer(cfg, make_optimizer(cfg.train))
+  state = trainer.state_from_variables(variables, tx)
+  data = data_lib.make_data(cfg.data.path, cfg.train.seq_len, cfg.data.val_fraction, cfg.seed)
+  ckpt = Checkpointer(run_dir, cfg.train.keep_checkpoints)
+  ckpt.save(0, state, data.train_iterator(cfg.train.batch_size, cfg.seed).get_state())
+  ckpt.close()
+  trainer.write_config(cfg, run_dir)
+  with open(os.path.join(run_dir, HF_CONFIG), "w") as f:
+    json.dump(hf_dict, f, indent=2, sort_keys=True)
+  return cfg
+
+
+def _tree_map(fn, tree):
+  return {k: _tree_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+def to_hf(run_dir: str, hf_dir: str, *, step: int = -1, model_type: str | None = None,
+          max_shard_bytes: int = 2 << 30) -> dict:
+  """Writes config.json + safetensors of a run's checkpoint; returns the config.json dict."""
+  from moejax.init.sources import load_run, run_config  # noqa: PLC0415
+
+  cfg = run_config(run_dir)
+  origin = {}
+  if os.path.exists(os.path.join(run_dir, HF_CONFIG)):
+    with open(os.path.join(run_dir, HF_CONFIG)) as f:
+      origin = json.load(f)
+  model_type = model_type or origin.get("model_type")
+  fam = registry.for_export(cfg, model_type)
+  if origin.get("model_type") != fam.model_type:
+    origin = {}
+  hf_dict = fam.module.config_to_hf(cfg, origin)
+  hf_dict["transformers_version"] = origin.get("transformers_version", "5.25.0")
+  params, collections, _ = load_run(run_dir, step)
+  variables = {"params": params, **collections}
+  tensors = mapping.to_hf(cfg, fam.module.tensors(cfg, hf_dict), variables)
+  os.makedirs(hf_dir, exist_ok=True)
+  write_tensors(hf_dir, tensors, max_shard_bytes)
+  with open(os.path.join(hf_dir, "config.json"), "w") as f:
+    json.dump(hf_dict, f, indent=2, sort_keys=True)
+  return hf_dict

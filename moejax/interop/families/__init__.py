@@ -1,0 +1,1 @@
+"""One module per Hugging Face family (moejax/interop/registry.py lists them)."""
