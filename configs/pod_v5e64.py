@@ -24,11 +24,14 @@ Expected throughput class -- UNMEASURED: no TPU was available where this was
 written. From the FLOPs (1.1 GFLOP per token by moejax.model.flops_per_token,
 5.8e14 per step) and the v5e-64's 12.6 PFLOP/s bf16 peak, 20-40% utilisation
 would be 2.3-4.5M tokens/s (35-70K per chip), i.e. the 20K steps in 40-80
-minutes. If a chip runs out of its 16 GB HBM, set --config.model.remat=True.
+minutes. Layers are rematerialised: the TPU compiler put the step without
+remat at 118 GiB of temporaries per chip, over the 16 GB HBM. Check it with
+  python tools/aot_compile.py --config configs/pod_v5e64.py --topology v5e:8x8
 """
 
 from moejax.config import default_config
 
+TOPOLOGY = "v5e:8x8"  # the slice it is laid out for (tools/aot_compile.py --topology)
 VARIANTS = {"moe": 20_000, "smoke": 100}
 
 
@@ -44,6 +47,7 @@ def get_config(variant: str = "moe"):
   c.model.num_heads = 8
   c.model.ffn_hidden = 4096  # used only by dense layers (none here)
   c.model.dtype = "bfloat16"
+  c.model.remat = True  # without it the step needs 118 GiB of temporaries per chip (tools/aot_compile.py, v5e:8x8)
   c.moe.num_experts = 64
   c.moe.top_k = 2
   c.moe.expert_hidden = 1024
