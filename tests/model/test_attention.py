@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from moejax.model.attention import CausalAttention, rope
+from tests.model.params import apply_jit, random_params
 
 
 def _rope_ref(x, theta):
@@ -135,25 +136,6 @@ def _causal_attention_ref(p, x, h, g, kd, bias, qk_norm, eps=1e-6, theta=1e4, po
   return y + p["b_out"] if bias == "qkvo" else y
 
 
-def _random_params(mod, x, seed):
-  """Random params of `mod`'s structure (from eval_shape: nothing compiled), every leaf
-  random, biases and norm gains included, so each is seen to be used."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, a):
-    r = rng.standard_normal(a.shape)
-    gain = any(getattr(k, "key", None) == "scale" for k in path)
-    return ((1.0 + 0.3 * r) if gain else 0.4 * r).astype(np.float32)
-
-  shapes = jax.eval_shape(mod.init, jax.random.key(0), jnp.asarray(x))["params"]
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def _apply(mod, params, *args):
-  """One jitted program (much faster to compile on CPU than op-by-op dispatch)."""
-  return np.asarray(jax.jit(mod.apply)({"params": params}, *args))
-
-
 _rope = jax.jit(rope, static_argnums=1)
 
 
@@ -177,8 +159,8 @@ def test_attention_options_match_reference(h, g, kd, bias, qk_norm):
   b, l, d = 2, 5, 8
   mod = _module(h, g, kd, bias, qk_norm)
   x = np.random.default_rng(2).normal(size=(b, l, d)).astype(np.float32)
-  params = _random_params(mod, x, h * 10 + g)
-  out = _apply(mod, params, x)
+  params = random_params(mod, x, h * 10 + g)
+  out = apply_jit(mod, params, x)
   gg, kk = g or h, kd or d // h
   ref = _causal_attention_ref(params, x, h, gg, kk, bias, qk_norm)
   np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-5)
@@ -214,14 +196,14 @@ def test_biases_are_used():
   b, l, d, h = 1, 4, 8, 4
   x = np.random.default_rng(3).normal(size=(b, l, d)).astype(np.float32)
   mod = _module(h, 2, 0, "qkvo", "none")
-  params = _random_params(mod, x, 3)
-  y0 = _apply(mod, params, x)
+  params = random_params(mod, x, 3)
+  y0 = apply_jit(mod, params, x)
   shift = np.arange(d, dtype=np.float32)
-  y1 = _apply(mod, {**params, "b_out": params["b_out"] + shift}, x)
+  y1 = apply_jit(mod, {**params, "b_out": params["b_out"] + shift}, x)
   np.testing.assert_allclose(y1, y0 + shift, rtol=1e-5, atol=1e-5)
   for name in ("b_q", "b_kv"):
     p = {**params, name: params[name] + 1.0}
-    assert not np.allclose(_apply(mod, p, x), y0), name
+    assert not np.allclose(apply_jit(mod, p, x), y0), name
 
 
 def test_head_norm_is_per_head_and_full_norm_is_not():
@@ -230,11 +212,11 @@ def test_head_norm_is_per_head_and_full_norm_is_not():
   x = np.random.default_rng(4).normal(size=(b, l, d)).astype(np.float32)
   for qk_norm, invariant in (("head", True), ("full", False), ("none", False)):
     mod = _module(h, 1, 0, "none", qk_norm)
-    params = _random_params(mod, x, 4)
+    params = random_params(mod, x, 4)
     w_q = np.asarray(params["w_q"]).copy()
     w_q[:, 0] *= 3.0
-    y0 = _apply(mod, params, x)
-    y1 = _apply(mod, {**params, "w_q": w_q}, x)
+    y0 = apply_jit(mod, params, x)
+    y1 = apply_jit(mod, {**params, "w_q": w_q}, x)
     assert np.allclose(y0, y1, rtol=1e-4, atol=1e-5) == invariant, qk_norm
 
 
@@ -271,10 +253,10 @@ def test_attention_invariant_to_shifting_positions(shift):
   b, l, d = 2, 4, 8
   mod = _module(4, 2, 0, "qkv", "head")
   x = np.random.default_rng(5).normal(size=(b, l, d)).astype(np.float32)
-  params = _random_params(mod, x, 5)
+  params = random_params(mod, x, 5)
   pos = np.broadcast_to(np.arange(l), (b, l))
-  y0 = _apply(mod, params, x)
-  y1 = _apply(mod, params, x, jnp.asarray(pos + shift))
+  y0 = apply_jit(mod, params, x)
+  y1 = apply_jit(mod, params, x, jnp.asarray(pos + shift))
   np.testing.assert_allclose(y1, y0, rtol=1e-3, atol=1e-4)
   ref = _causal_attention_ref(params, x, 4, 2, 2, "qkv", "head", pos=pos + shift)
   np.testing.assert_allclose(y1, ref, rtol=1e-3, atol=1e-4)
@@ -286,9 +268,9 @@ def test_attention_is_causal(h, g, kd, bias, qk_norm):
   b, l, d, t = 2, 6, 8, 2
   mod = _module(h, g, kd, bias, qk_norm)
   x = np.random.default_rng(6).normal(size=(b, l, d)).astype(np.float32)
-  params = _random_params(mod, x, 6)
+  params = random_params(mod, x, 6)
   x2 = x.copy()
   x2[:, t + 1:] += 1.0
-  y, y2 = (_apply(mod, params, v) for v in (x, x2))
+  y, y2 = (apply_jit(mod, params, v) for v in (x, x2))
   np.testing.assert_array_equal(y[:, :t + 1], y2[:, :t + 1])
   assert not np.allclose(y[:, t + 1:], y2[:, t + 1:])

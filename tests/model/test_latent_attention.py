@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from moejax.model.latent_attention import LatentAttention
+from tests.model.params import apply_jit, random_params
 
 THETA, EPS = 1e4, 1e-6
 D = 8
@@ -74,23 +75,6 @@ def _module(h, q_rank, kv_rank, nope, rdim, vdim, bias):
   return LatentAttention(h, q_rank, kv_rank, nope, rdim, vdim, THETA, bias=bias, norm_eps=EPS)
 
 
-def _random_params(mod, x, seed):
-  """Every leaf random (norm gains near 1), so biases and gains are seen to be used."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, a):
-    r = rng.standard_normal(a.shape)
-    gain = any(getattr(k, "key", None) == "scale" for k in path)
-    return ((1.0 + 0.3 * r) if gain else 0.4 * r).astype(np.float32)
-
-  shapes = jax.eval_shape(mod.init, jax.random.key(0), jnp.asarray(x))["params"]
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def _apply(mod, params, *args):
-  return np.asarray(jax.jit(mod.apply)({"params": params}, *args))
-
-
 CASES = [  # (H, q_lora_rank, kv_lora_rank, nope, rope, v, bias)
     (2, 0, 6, 4, 2, 4, False),  # full-rank queries (DeepSeek-V2-Lite)
     (2, 6, 4, 2, 4, 6, True),  # low-rank queries with norm, biases, v != nope + rope
@@ -102,9 +86,9 @@ CASES = [  # (H, q_lora_rank, kv_lora_rank, nope, rope, v, bias)
 def test_mla_matches_reference(h, q_rank, kv_rank, nope, rdim, vdim, bias):
   x = np.random.default_rng(1).normal(size=(2, 5, D)).astype(np.float32)
   mod = _module(h, q_rank, kv_rank, nope, rdim, vdim, bias)
-  params = _random_params(mod, x, h + q_rank)
+  params = random_params(mod, x, h + q_rank)
   ref = _mla_ref(params, x, h, q_rank, kv_rank, nope, rdim, vdim, bias)
-  np.testing.assert_allclose(_apply(mod, params, x), ref, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(apply_jit(mod, params, x), ref, rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("h,q_rank,kv_rank,nope,rdim,vdim,bias", CASES)
@@ -139,12 +123,12 @@ def test_nope_keys_per_head_rope_key_shared():
   h, nope, rdim, vdim, r = 2, 2, 2, 4, 4
   mod = _module(h, 0, r, nope, rdim, vdim, False)
   x = np.random.default_rng(2).normal(size=(1, 4, D)).astype(np.float32)
-  params = _random_params(mod, x, 9)
+  params = random_params(mod, x, 9)
 
   def head_out(p, head):  # the layer's output with every other head's w_out zeroed
     w_out = np.zeros(np.shape(params["w_out"]), np.float32)
     w_out[head] = params["w_out"][head]
-    return _apply(mod, {**p, "w_out": w_out}, x)
+    return apply_jit(mod, {**p, "w_out": w_out}, x)
 
   w_kv_b = np.asarray(params["w_kv_b"]).copy()
   w_kv_b[:, 1, :nope] *= 3.0
@@ -163,10 +147,10 @@ def test_mla_is_causal(q_rank):
   b, l, t = 2, 6, 2
   mod = _module(2, q_rank, 4, 2, 2, 4, True)
   x = np.random.default_rng(3).normal(size=(b, l, D)).astype(np.float32)
-  params = _random_params(mod, x, 3)
+  params = random_params(mod, x, 3)
   x2 = x.copy()
   x2[:, t + 1:] -= 1.0
-  y, y2 = _apply(mod, params, x), _apply(mod, params, x2)
+  y, y2 = apply_jit(mod, params, x), apply_jit(mod, params, x2)
   np.testing.assert_array_equal(y[:, :t + 1], y2[:, :t + 1])
   assert not np.allclose(y[:, t + 1:], y2[:, t + 1:])
 
@@ -178,9 +162,9 @@ def test_mla_invariant_to_shifting_positions(shift):
   b, l = 2, 4
   mod = _module(2, 4, 4, 2, 4, 2, False)
   x = np.random.default_rng(4).normal(size=(b, l, D)).astype(np.float32)
-  params = _random_params(mod, x, 4)
+  params = random_params(mod, x, 4)
   pos = np.broadcast_to(np.arange(l), (b, l)) + shift
-  y = _apply(mod, params, x, jnp.asarray(pos))
-  np.testing.assert_allclose(y, _apply(mod, params, x), rtol=1e-3, atol=1e-4)
+  y = apply_jit(mod, params, x, jnp.asarray(pos))
+  np.testing.assert_allclose(y, apply_jit(mod, params, x), rtol=1e-3, atol=1e-4)
   np.testing.assert_allclose(y, _mla_ref(params, x, 2, 4, 4, 2, 4, 2, False, pos),
                              rtol=1e-3, atol=1e-4)
