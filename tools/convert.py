@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
       cfg = from_hf(args.hf_dir, args.run_dir, _parse_set(args.set))
       print(f"wrote {args.run_dir}: {cfg.name}, {cfg.model.num_layers} layers, "
             f"vocab {cfg.model.vocab_size}")
-      if cfg.model.vocab_size < data_lib.VOCAB_SIZE:
+      if cfg.data.tokenizer not in ("", "bytes"):
+        print(f"tokenizer: {cfg.data.tokenizer} (data.tokenizer)")
+      elif cfg.model.vocab_size < data_lib.VOCAB_SIZE:
         print(f"note: training with moejax's byte-level data needs model.vocab_size >= "
-              f"{data_lib.VOCAB_SIZE}; this model's tokenizer is not integrated (docs/checkpoints.md)")
+              f"{data_lib.VOCAB_SIZE}; the checkpoint has no tokenizer.json to train on text with (docs/checkpoints.md)")
     else:
       hf = to_hf(args.run_dir, args.hf_dir, step=args.step, model_type=args.model_type,
                  max_shard_bytes=int(args.max_shard_gb * (1 << 30)))

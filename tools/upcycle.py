@@ -38,11 +38,13 @@ def upcycle_run(cfg, dense_dir: str, out: str, overwrite: bool = False) -> dict:
   os.makedirs(out, exist_ok=True)
   state = trainer.init_state(cfg, make_optimizer(cfg.train))
   val = data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)
+  val_bytes = sum(data.text_bytes(b["targets"]) for b in val)
   dense_cfg = run_config(dense_dir)
   dense_params, dense_collections, dense_step = load_run(dense_dir, cfg.init.step)
   dense = trainer.evaluate(trainer.make_eval_step(dense_cfg),
-                           {"params": dense_params, "collections": dense_collections}, val)
-  moe = trainer.evaluate(trainer.make_eval_step(cfg), state, val)
+                           {"params": dense_params, "collections": dense_collections}, val,
+                           val_bytes)
+  moe = trainer.evaluate(trainer.make_eval_step(cfg), state, val, val_bytes)
   trainer.write_config(cfg, out)
   ckpt = Checkpointer(out, cfg.train.keep_checkpoints)
   ckpt.save(0, state, data.train_iterator(cfg.train.batch_size, cfg.seed).get_state())

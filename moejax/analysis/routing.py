@@ -53,6 +53,7 @@ from moejax import layout
 from moejax.layout import layer_plan
 from moejax.moe.types import SoftAssignment
 from moejax.train import data as data_lib
+from moejax.train import tokenizer as tok_lib
 
 SPLITS = ("val", "train")
 
@@ -170,20 +171,24 @@ def load_model(source: str | os.PathLike, step: int | None = None) -> Model:
 # --------------------------------------------------------------------------- data
 
 
-def text_windows(texts: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Encode texts (BOS + UTF-8 bytes + EOS) and cut each into rows of seq_len.
+def text_windows(texts: Sequence[str], seq_len: int, tokenizer: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Encode texts (by default BOS + UTF-8 bytes + EOS; else the `data.tokenizer`
+  rules for one text) and cut each into rows of seq_len.
 
   Returns (ids_BxL int32, mask_BxL bool, text_B int32: which text each row
-  comes from). A text's last row is padded with EOS, masked out.
+  comes from). A text's last row is padded (with EOS, or id 0), masked out.
   """
+  tok = tok_lib.get(tokenizer)
+  pad_id = tok.eos_id if tok.eos_id is not None else 0
   rows, masks, owner = [], [], []
   for i, text in enumerate(texts):
     if not isinstance(text, str):
       raise ValueError(f"texts[{i}] is a {type(text).__name__}; allowed: str")
-    ids = data_lib.encode(text).astype(np.int32)
+    ids = tok.encode_document(text).astype(np.int32)
     for start in range(0, ids.size, seq_len):
       chunk = ids[start:start + seq_len]
-      row = np.full(seq_len, data_lib.EOS_ID, np.int32)
+      row = np.full(seq_len, pad_id, np.int32)
       row[:chunk.size] = chunk
       rows.append(row)
       masks.append(np.arange(seq_len) < chunk.size)
@@ -195,8 +200,7 @@ def text_windows(texts: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.nda
 
 def _split_rows(cfg: ml_collections.ConfigDict, split: str, num_batches: int
                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  data = data_lib.make_data(cfg.data.path, cfg.train.seq_len, cfg.data.val_fraction,
-                            cfg.seed)
+  data = data_lib.from_config(cfg)
   windows, domains = ((data.val_windows, data.val_domains) if split == "val"
                       else (data.train_windows, data.train_domains))
   n = min(windows.shape[0], num_batches * cfg.train.batch_size)
@@ -329,7 +333,7 @@ def capture(source: str | os.PathLike | Model, data: Any = "val", *,
     mask = np.ones(ids.shape, bool)
   else:
     texts = list(data)
-    ids, mask, owner = text_windows(texts, seq_len)
+    ids, mask, owner = text_windows(texts, seq_len, cfg.data.get("tokenizer"))
     if domains is not None:
       if len(domains) != len(texts):
         raise ValueError(f"domains has {len(domains)} entries for {len(texts)} texts; "
@@ -342,7 +346,7 @@ def capture(source: str | os.PathLike | Model, data: Any = "val", *,
   pad = (-n_rows) % batch
   real_B = np.ones(n_rows, bool)
   if pad:
-    ids = np.concatenate([ids, np.full((pad, ids.shape[1]), data_lib.EOS_ID, np.int32)])
+    ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), np.int32)])
     mask = np.concatenate([mask, np.zeros((pad, ids.shape[1]), bool)])
     real_B = np.concatenate([real_B, np.zeros(pad, bool)])
   fn = _routing_fn(ml_collections.FrozenConfigDict(cfg))

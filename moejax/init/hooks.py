@@ -104,7 +104,7 @@ def _grown(cfg: ml_collections.ConfigDict, params: dict, collections: dict,
   src, src_collections, _ = load_run(init.grow_from, init.step)
   p = grow.num_periods(src)
   if init.get("grow_select", "all") == "importance":
-    data = data_lib.make_data(cfg.data.path, cfg.train.seq_len, cfg.data.val_fraction, cfg.seed)
+    data = data_lib.from_config(cfg)
     it = data.train_iterator(cfg.train.batch_size, seed=(cfg.seed + 104729) % 2**32)
     batches = [next(it) for _ in range(init.grow_batches)]
     score_PxE = grow.expert_importance(src_cfg, src, src_collections, batches)

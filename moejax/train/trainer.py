@@ -50,11 +50,8 @@ def prepare(cfg: ml_collections.ConfigDict) -> data_lib.LMData:
   """Validate the config and load the data; raises before any compilation."""
   validate(cfg)
   mesh_lib.axes_from_config(cfg)  # the mesh fits the devices (ConfigError)
-  if cfg.model.vocab_size < data_lib.VOCAB_SIZE:
-    raise ValueError(f"config key model.vocab_size={cfg.model.vocab_size} is invalid: "
-                     f"must be >= {data_lib.VOCAB_SIZE} (bytes + BOS + EOS)")
-  data = data_lib.make_data(cfg.data.path, cfg.train.seq_len, cfg.data.val_fraction,
-                            cfg.seed)
+  data_lib.check_vocab(cfg)
+  data = data_lib.from_config(cfg)
   data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)  # checks sizes
   return data
 
@@ -181,7 +178,10 @@ def make_eval_step(cfg: ml_collections.ConfigDict):
   return eval_step
 
 
-def evaluate(eval_step, state: State, batches: list[dict]) -> dict[str, float]:
+def evaluate(eval_step, state: State, batches: list[dict], text_bytes: int | None = None
+             ) -> dict[str, float]:
+  """val/loss (nats per predicted token) and val/bpb (bits per byte of the
+  `text_bytes` the targets stand for; None: one byte per token)."""
   total, count = 0.0, 0
   for b in batches:
     s, n = eval_step(state["params"], state["collections"],
@@ -189,7 +189,8 @@ def evaluate(eval_step, state: State, batches: list[dict]) -> dict[str, float]:
     total += float(s)
     count += int(n)
   loss = total / count
-  return {"val/loss": loss, "val/bpb": data_lib.bits_per_byte(loss)}
+  per_byte = 1.0 if text_bytes is None else count / max(int(text_bytes), 1)
+  return {"val/loss": loss, "val/bpb": data_lib.bits_per_byte(loss, per_byte)}
 
 
 def init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> State:
@@ -304,7 +305,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
   writer = MetricWriter(workdir, resume_step=start)
   train_step = make_train_step(cfg, tx, place.state_shardings)
   eval_step = make_eval_step(cfg)
-  val = place.batches(data.val_batches(t.batch_size, t.eval_batches))
+  val_host = data.val_batches(t.batch_size, t.eval_batches)
+  val_bytes = sum(data.text_bytes(b["targets"]) for b in val_host)
+  val = place.batches(val_host)
   layers = layout.moe_layer_indices(cfg)
   prior_wall = float(state["wall_seconds"])
   progress = Progress(t.steps, start, every=t.log_every * 10)
@@ -354,7 +357,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
                          if "perf/tokens_per_second" in scalars else {}))
     first = False
     if step % t.eval_every == 0 or step == t.steps:
-      last_eval = evaluate(eval_step, state, val)
+      last_eval = evaluate(eval_step, state, val, val_bytes)
       writer.scalars(step, last_eval)
       if layers:
         load = np.asarray(jax.device_get(out["moe"]["load"]))
@@ -381,7 +384,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
       return {"preempted": True, "steps": int(step)}
   progress.close()
   if not last_eval:  # resumed a finished run: evaluate again for the summary
-    last_eval = evaluate(eval_step, state, val)
+    last_eval = evaluate(eval_step, state, val, val_bytes)
   ckpt.close()
   writer.close()
   wall = prior_wall + time.time() - t_start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 
 import nbformat
 import numpy as np
@@ -13,7 +14,8 @@ from nbclient import NotebookClient
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 NAMES = ["01_quickstart.ipynb", "02_routers.ipynb", "03_scaling_laws.ipynb",
-         "04_routing_analysis.ipynb"]
+         "04_routing_analysis.ipynb", "05_checkpoints.ipynb"]
+NEEDS = {"05_checkpoints.ipynb": ("torch", "transformers")}  # beyond moejax's dependencies
 
 
 def _read(name: str) -> nbformat.NotebookNode:
@@ -60,6 +62,8 @@ def _synthetic_results(path: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_with_fast(name, tmp_path, monkeypatch):
+  for module in NEEDS.get(name, ()):
+    pytest.importorskip(module)
   monkeypatch.setenv("FAST", "1")
   monkeypatch.setenv("WORKROOT", str(tmp_path))
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
@@ -76,3 +80,10 @@ def test_notebook_runs_with_fast(name, tmp_path, monkeypatch):
   assert "Traceback" not in text
   if name == "03_scaling_laws.ipynb":
     assert "moe {" in text and "dense {" in text  # the sweep section fitted both families
+  if name == "05_checkpoints.ipynb":  # parity with transformers, import and export
+    rel = [float(x) for x in re.findall(r"/ scale = ([0-9.e+-]+)", text)]
+    assert len(rel) == 2 and max(rel) <= 1e-4, rel
+    assert "identical to transformers in every layer: True" in text
+    dense, step0 = (float(x) for x in re.findall(r"(?:dense loss on the text|step 0) +([0-9.]+)",
+                                                 text))
+    assert abs(dense - step0) <= 1e-4 * dense  # the upcycled MoE starts at the dense loss

@@ -158,6 +158,16 @@ def test_split_is_deterministic_and_by_seed() -> None:
     assert [docs.index(d) for d in va1] == sorted(docs.index(d) for d in va1)
 
 
+def test_split_mask_is_the_split_rule() -> None:
+    docs = [D.Document(f"doc {i}", "x") for i in range(37)]
+    for seed in range(3):
+        is_val = D.split_mask(37, 0.2, seed)
+        assert is_val.dtype == bool and is_val.sum() == 7
+        train, val = D.split_documents(docs, 0.2, seed)
+        assert val == [d for d, v in zip(docs, is_val) if v]
+        assert train == [d for d, v in zip(docs, is_val) if not v]
+
+
 def test_split_keeps_one_document_each_side() -> None:
     docs = [D.Document("a", "x"), D.Document("b", "x"), D.Document("c", "x")]
     for frac in (1e-6, 0.999):
@@ -212,9 +222,9 @@ def test_load_documents_errors(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError, match=r"data\.path=.*does not exist.*allowed"):
         D.load_documents(str(tmp_path / "missing"))
     (tmp_path / "x.md").write_text("hi")
-    with pytest.raises(ValueError, match=r"data\.path=.*no \.txt files.*allowed"):
+    with pytest.raises(ValueError, match=r"data\.path=.*no \.txt or \.jsonl files.*allowed"):
         D.load_documents(str(tmp_path))
-    with pytest.raises(ValueError, match=r"data\.path=.*not a \.txt file"):
+    with pytest.raises(ValueError, match=r"data\.path=.*not a \.txt file or a \.jsonl file.*allowed"):
         D.load_documents(str(tmp_path / "x.md"))
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -226,6 +236,126 @@ def test_load_documents_errors(tmp_path: pathlib.Path) -> None:
     (blank / "e.txt").write_text("\n\n")
     with pytest.raises(ValueError, match=r"data\.path=.*no text"):
         D.load_documents(str(blank))
+
+
+def _jsonl(path: pathlib.Path, lines: list[str]) -> pathlib.Path:
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    return path
+
+
+def test_load_jsonl(tmp_path: pathlib.Path) -> None:
+    f = _jsonl(tmp_path / "news.jsonl", [
+        "\ufeff" + json.dumps({"text": "first ’ doc", "id": 1}),
+        "",
+        "   ",
+        json.dumps({"text": "line one\r\n\n\nline two", "source": "wiki"}),
+        json.dumps({"text": ""}),  # an empty text is a document too
+        json.dumps({"text": "third", "source": "web"}) + "\r",
+    ])
+    docs = D.load_documents(str(f))
+    assert docs == [
+        D.Document("first ’ doc", "news"),
+        D.Document("line one\r\n\n\nline two", "news"),  # the text exactly as given
+        D.Document("", "news"),
+        D.Document("third", "news"),
+    ]
+    by_field = D.load_documents(str(f), domain_field="source")
+    assert [d.domain for d in by_field] == ["news", "wiki", "news", "web"]
+    # Another text field; records without the domain field fall back to the file stem.
+    g = _jsonl(tmp_path / "g.jsonl", [json.dumps({"body": "a", "lang": "en"}), json.dumps({"body": "b"})])
+    assert D.load_documents(str(g), text_field="body", domain_field="lang") == [
+        D.Document("a", "en"), D.Document("b", "g")]
+    assert list(D.iter_documents(str(g), text_field="body")) == D.load_documents(str(g), "body")
+
+
+def test_load_jsonl_empty_text_domain_is_an_error(tmp_path: pathlib.Path) -> None:
+    f = _jsonl(tmp_path / "x.jsonl", [json.dumps({"text": "a", "source": ""})])
+    with pytest.raises(ValueError, match=r"data\.domain_field='source'.*x\.jsonl' line 1.*non-empty string"):
+        D.load_documents(str(f), domain_field="source")
+
+
+def test_load_directory_of_txt_and_jsonl(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "b.txt").write_text("para b", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    _jsonl(tmp_path / "sub" / "a.jsonl", [json.dumps({"text": "rec 1"}), json.dumps({"text": "rec 2"})])
+    _jsonl(tmp_path / "c.JSONL", [json.dumps({"text": "upper"})])
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    (tmp_path / "data.json").write_text("[]", encoding="utf-8")  # .json is not .jsonl
+    docs = D.load_documents(str(tmp_path))
+    # sorted by path: b.txt, c.JSONL, sub/a.jsonl
+    assert docs == [D.Document("para b", "b"), D.Document("upper", "c"),
+                    D.Document("rec 1", "a"), D.Document("rec 2", "a")]
+    assert list(D.iter_documents(str(tmp_path))) == docs
+    data = D.make_data(str(tmp_path), seq_len=3, val_fraction=0.25, seed=0)
+    assert data.domains == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("line,match", [
+    ('{"text": "ok"', r"data\.path=.*bad\.jsonl' line 3 is not valid JSON \(.*column.*"
+                      r"allowed: one JSON object per line"),
+    ('["text"]', r"data\.path=.*bad\.jsonl' line 3 is a JSON array, not an object; allowed"),
+    ('"just a string"', r"line 3 is a JSON string, not an object"),
+    ("42", r"line 3 is a JSON number, not an object"),
+    ('{"body": "x", "id": 3}', r"data\.text_field='text': .*bad\.jsonl' line 3 \(data\.path=.*\) "
+                               r"has no field 'text' \(its fields: 'body', 'id'\); allowed"),
+    ('{"text": 7}', r"data\.text_field='text': .*line 3 .*holds a JSON number in 'text'; allowed: a string"),
+    ('{"text": null}', r"data\.text_field='text': .*line 3 .*holds a JSON null"),
+    ('{"text": {"a": 1}}', r"line 3 .*holds a JSON object"),
+    ('{"text": "\\ud800"}', r"data\.text_field='text': .*line 3 .*lone surrogate.*"
+                             r"allowed: text that encodes as UTF-8"),
+    ('{"text": "x", "dom": 5}', r"data\.domain_field='dom': .*line 3 .*holds 5 in 'dom'; "
+                                r"allowed: a non-empty string"),
+])
+def test_load_jsonl_errors(tmp_path: pathlib.Path, line: str, match: str) -> None:
+    f = _jsonl(tmp_path / "bad.jsonl", [json.dumps({"text": "fine"}), "", line, json.dumps({"text": "after"})])
+    with pytest.raises(ValueError, match=match):
+        D.load_documents(str(f), domain_field="dom")
+    stream = D.iter_documents(str(tmp_path), domain_field="dom")
+    assert next(stream) == D.Document("fine", "bad")  # streamed: line 1 comes before line 3 is read
+    with pytest.raises(ValueError, match=match):
+        next(stream)
+
+
+def test_load_jsonl_bad_utf8_and_blank(tmp_path: pathlib.Path) -> None:
+    f = tmp_path / "latin.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"data\.path=.*latin\.jsonl' line 2 is not valid UTF-8.*allowed"):
+        D.load_documents(str(f))
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "e.jsonl").write_text("\n  \n\n")
+    with pytest.raises(ValueError, match=r"data\.path=.*contains no text.*allowed"):
+        D.load_documents(str(blank))
+    with pytest.raises(ValueError, match=r"data\.path=.*contains no text"):
+        list(D.iter_documents(str(blank)))
+
+
+@pytest.mark.parametrize("text_field,domain_field,key", [("", "", "text_field"), (3, "", "text_field"),
+                                                         ("text", None, "domain_field")])
+def test_load_bad_field_names(tmp_path: pathlib.Path, text_field: object, domain_field: object,
+                              key: str) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", [json.dumps({"text": "a"})])
+    with pytest.raises(ValueError, match=rf"data\.{key}=.*not allowed"):
+        D.load_documents(str(f), text_field, domain_field)  # type: ignore[arg-type]
+
+
+def test_make_data_jsonl_text_field_is_part_of_the_cache_key(tmp_path: pathlib.Path) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", [json.dumps({"text": "t" * 50, "alt": "a" * 50}) for _ in range(4)])
+    t = D.make_data(str(f), 7, 0.25, 0)
+    a = D.make_data(str(f), 7, 0.25, 0, text_field="alt")
+    assert set(np.unique(t.train_windows).tolist()) == {ord("t"), D.BOS_ID, D.EOS_ID}
+    assert set(np.unique(a.train_windows).tolist()) == {ord("a"), D.BOS_ID, D.EOS_ID}
+
+
+def test_config_text_field() -> None:
+    from moejax.config import ConfigError, default_config
+
+    cfg = default_config()
+    assert (cfg.data.text_field, cfg.data.domain_field) == ("text", "")
+    D.check_config(cfg)
+    cfg.data.text_field = ""
+    with pytest.raises(ConfigError, match=r"data\.text_field=''"):
+        D.check_config(cfg)
 
 
 def test_kjv_loads() -> None:

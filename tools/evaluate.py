@@ -1,0 +1,58 @@
+"""Score a run's checkpoint on a JSONL file: mean NLL, tokens and bits per byte.
+
+    python tools/evaluate.py --run RUN_DIR --data FILE.jsonl [--step N] [--json OUT]
+
+Each line of FILE is {"text": "..."} (tokenized with the run's data.tokenizer,
+its BOS/EOS rules applied) or {"tokens": [ids]} (used exactly as given: the NLL
+is that of ids[1:] given their prefixes, what transformers computes with
+labels=ids). Prints and, with --json, writes {"mean_nll": nats per predicted
+token, "tokens": predicted tokens, "bits_per_byte": text files only}. A
+checkpoint converted with tools/convert.py scores what it scores in
+transformers (tests/eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--run", required=True, help="run directory (config.json + checkpoints/)")
+  p.add_argument("--data", required=True, help='JSONL: {"text": ...} or {"tokens": [...]} lines')
+  p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: newest)")
+  p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+  p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")
+  args = p.parse_args(argv)
+
+  from moejax.eval import read_jsonl, score  # noqa: PLC0415
+  from moejax.init.sources import load_run, run_config  # noqa: PLC0415
+  from moejax.train import tokenizer as tok_lib  # noqa: PLC0415
+
+  try:
+    if not os.path.exists(os.path.join(args.run, "config.json")):
+      raise ValueError(f"--run {args.run!r} is not a run directory (no config.json)")
+    cfg = run_config(args.run)
+    tok = tok_lib.get(cfg.data.get("tokenizer", tok_lib.BYTES))
+    records = read_jsonl(args.data, tok, cfg.model.vocab_size)
+    params, collections, step = load_run(args.run, args.step)
+    result = score(cfg, {"params": params, **collections}, records, args.batch_size)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  out = {**result.summary(), "records": len(records), "step": int(step)}
+  print(json.dumps(out))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+      f.write("\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
