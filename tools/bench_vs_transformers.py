@@ -25,7 +25,6 @@ function), both median times in ms and the ratio moejax / transformers
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -61,20 +60,6 @@ def random_mixtral(args: argparse.Namespace):
       else:
         p.copy_(noise / p.shape[-1] ** 0.5)
   return model.eval()
-
-
-def _parse_set(items: list[str], p: argparse.ArgumentParser) -> dict:
-  """--set KEY=VALUE items -> {key: value} (JSON values, else strings)."""
-  out = {}
-  for item in items:
-    if "=" not in item:
-      p.error(f"--set {item!r} must be KEY=VALUE")
-    key, value = item.split("=", 1)
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
 
 
 def _check(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
@@ -120,12 +105,16 @@ def main(argv: list[str] | None = None) -> int:
   from moejax import model as lm  # noqa: PLC0415
   from timing import time_interleaved  # noqa: PLC0415
 
+  try:
+    overrides = interop.parse_overrides(args.set)
+  except ValueError as e:
+    p.error(str(e))
   hf_model = random_mixtral(args)
   root = tempfile.mkdtemp(prefix="moejax-bench-vs-hf-", dir="/tmp")
   try:
     hf_dir, run_dir = os.path.join(root, "hf"), os.path.join(root, "run")
     hf_model.save_pretrained(hf_dir)
-    interop.from_hf(hf_dir, run_dir, _parse_set(args.set, p))
+    interop.from_hf(hf_dir, run_dir, overrides)
     run = analysis.load_model(run_dir)
   finally:
     shutil.rmtree(root, ignore_errors=True)

@@ -11,24 +11,10 @@ writes config.json + safetensors for transformers' from_pretrained.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _parse_set(items: list[str]) -> dict:
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise SystemExit(f"error: --set {item!r} must be KEY=VALUE")
-    key, value = item.split("=", 1)
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +34,15 @@ def main(argv: list[str] | None = None) -> int:
   b.add_argument("--max-shard-gb", type=float, default=2.0)
   args = p.parse_args(argv)
 
-  from moejax.interop import ConversionError, from_hf, to_hf  # noqa: PLC0415
+  from moejax.interop import ConversionError, from_hf, parse_overrides, to_hf  # noqa: PLC0415
   from moejax.train import data as data_lib  # noqa: PLC0415
   try:
+    overrides = parse_overrides(args.set) if args.cmd == "from-hf" else {}
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  try:
     if args.cmd == "from-hf":
-      cfg = from_hf(args.hf_dir, args.run_dir, _parse_set(args.set))
+      cfg = from_hf(args.hf_dir, args.run_dir, overrides)
       print(f"wrote {args.run_dir}: {cfg.name}, {cfg.model.num_layers} layers, "
             f"vocab {cfg.model.vocab_size}")
       if cfg.data.tokenizer not in ("", "bytes"):

@@ -7,7 +7,8 @@ convert (run directory <-> checkpoint directory). CLI: tools/convert.py;
 docs/checkpoints.md.
 """
 
-from moejax.interop.convert import from_hf, hf_to_config, load_hf, to_hf
+from moejax.interop.convert import from_hf, hf_to_config, load_hf, parse_overrides, to_hf
 from moejax.interop.errors import ConversionError
 
-__all__ = ["ConversionError", "from_hf", "hf_to_config", "load_hf", "to_hf"]
+__all__ = ["ConversionError", "from_hf", "hf_to_config", "load_hf", "parse_overrides",
+           "to_hf"]

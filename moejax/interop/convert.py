@@ -62,6 +62,20 @@ def hf_to_config(hf_dict: dict) -> ml_collections.ConfigDict:
   return cfg
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """`--set KEY=VALUE` items -> {key: value}: JSON values, else the string as given."""
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--set {item!r} must be KEY=VALUE")
+    key, value = item.split("=", 1)
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
 def _apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
   for key, value in overrides.items():
     if not any(key == o or (o.endswith(".") and key.startswith(o)) for o in OVERRIDABLE):

@@ -108,7 +108,7 @@ def _byte_level_decoder() -> dict[str, int]:
   return chars
 
 
-def _token_token(special: Any) -> str | None:
+def _special_token(special: Any) -> str | None:
   """A tokenizer_config.json special-token entry: a string or {"content": ...}."""
   if isinstance(special, dict):
     special = special.get("content")
@@ -136,7 +136,7 @@ class HFTokenizer(Tokenizer):
     self.eos_id = self._special_id(conf, "eos_token", name)
 
   def _special_id(self, conf: dict, key: str, name: str) -> int | None:
-    token = _token_token(conf.get(key))
+    token = _special_token(conf.get(key))
     if token is None:
       return None
     i = self._tok.token_to_id(token)
