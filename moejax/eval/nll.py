@@ -119,15 +119,16 @@ def read_jsonl(path: str | os.PathLike, tokenizer: tok_lib.Tokenizer, vocab_size
 
 
 @functools.lru_cache(maxsize=8)
-def _nll_fn(frozen: ml_collections.FrozenConfigDict):
+def _logprob_fn(frozen: ml_collections.FrozenConfigDict):
   model = lm.make_model(frozen, deterministic=True)
 
   @jax.jit
-  def fn(variables, ids_BxL, mask_BxL):
+  def fn(variables, ids_BxL):
     logits_BxLxV, _ = model.apply(variables, ids_BxL)
-    logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
-    nll_BxL1 = -jnp.take_along_axis(logp, ids_BxL[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask_BxL[:, 1:], nll_BxL1, 0.0), axis=-1)
+    z = logits_BxLxV[:, :-1].astype(jnp.float32)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    tgt_BxL1 = jnp.take_along_axis(logp, ids_BxL[:, 1:, None], axis=-1)[..., 0]
+    return tgt_BxL1, jnp.argmax(z, axis=-1) == ids_BxL[:, 1:]
 
   return fn
 
@@ -136,25 +137,34 @@ def _pad_len(n: int) -> int:
   return max(MIN_PAD, 1 << (n - 1).bit_length())
 
 
+def token_logprobs(cfg: ml_collections.ConfigDict, variables: dict,
+                   seqs: list[np.ndarray], batch_size: int = 8
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per sequence ids[0..n): (log p(ids[i] | ids[:i]) float32 [n-1], whether ids[i] is the
+  argmax there, bool [n-1]), in the given order."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r} is not allowed; it must be a positive integer")
+  fn = _logprob_fn(ml_collections.FrozenConfigDict(cfg))
+  order = sorted(range(len(seqs)), key=lambda i: -seqs[i].size)
+  out: list = [None] * len(seqs)
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    width = _pad_len(seqs[rows[0]].size)
+    ids_BxL = np.zeros((batch_size, width), np.int32)
+    for b, r in enumerate(rows):
+      ids_BxL[b, :seqs[r].size] = seqs[r]
+    logp, greedy = jax.device_get(fn(variables, jnp.asarray(ids_BxL)))
+    for b, r in enumerate(rows):
+      n = seqs[r].size
+      out[r] = (np.asarray(logp[b, :n - 1], np.float32), np.asarray(greedy[b, :n - 1], bool))
+  return out
+
+
 def score(cfg: ml_collections.ConfigDict, variables: dict, records: list[Record],
           batch_size: int = 8) -> Scores:
   """Summed NLL of every record (in the given order) under `variables`."""
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size={batch_size!r} is not allowed; it must be a positive integer")
-  fn = _nll_fn(ml_collections.FrozenConfigDict(cfg))
-  order = sorted(range(len(records)), key=lambda i: -records[i].ids.size)
-  nll_R = np.zeros(len(records), np.float64)
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    width = _pad_len(records[rows[0]].ids.size)
-    ids_BxL = np.zeros((batch_size, width), np.int32)
-    mask_BxL = np.zeros((batch_size, width), bool)
-    for b, r in enumerate(rows):
-      n = records[r].ids.size
-      ids_BxL[b, :n] = records[r].ids
-      mask_BxL[b, :n] = True
-    out_B = np.asarray(fn(variables, jnp.asarray(ids_BxL), jnp.asarray(mask_BxL)), np.float64)
-    nll_R[rows] = out_B[:len(rows)]
+  per = token_logprobs(cfg, variables, [r.ids for r in records], batch_size)
+  nll_R = np.asarray([-np.sum(lp, dtype=np.float64) for lp, _ in per], np.float64)
   tokens_R = np.asarray([r.ids.size - 1 for r in records], np.int64)
   is_text = all(r.text_bytes is not None for r in records)
   text_bytes = sum(r.text_bytes for r in records) if is_text else None

@@ -119,11 +119,7 @@ def from_hf(hf_dir: str, run_dir: str, overrides: dict[str, Any] | None = None
   """Writes the run directory of a Hugging Face checkpoint; returns its config."""
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from moejax.init import hooks as init_hooks  # noqa: PLC0415
-  from moejax.train import data as data_lib  # noqa: PLC0415
   from moejax.train import trainer  # noqa: PLC0415
-  from moejax.train.checkpoint import Checkpointer  # noqa: PLC0415
-  from moejax.train.optimizer import make_optimizer  # noqa: PLC0415
 
   for name in ("config.json", "checkpoints"):
     if os.path.exists(os.path.join(run_dir, name)):
@@ -134,13 +130,7 @@ def from_hf(hf_dir: str, run_dir: str, overrides: dict[str, Any] | None = None
     _copy_tokenizer(hf_dir, os.path.join(run_dir, TOKENIZER_DIR))
     cfg.data.tokenizer = os.path.abspath(os.path.join(run_dir, TOKENIZER_DIR))
   variables = {k: _tree_map(jnp.asarray, v) for k, v in variables.items()}
-  tx = init_hooks.wrap_optimizer(cfg, make_optimizer(cfg.train))
-  state = trainer.state_from_variables(variables, tx)
-  data = data_lib.from_config(cfg)
-  ckpt = Checkpointer(run_dir, cfg.train.keep_checkpoints)
-  ckpt.save(0, state, data.train_iterator(cfg.train.batch_size, cfg.seed).get_state())
-  ckpt.close()
-  trainer.write_config(cfg, run_dir)
+  trainer.write_run(cfg, variables, run_dir)
   with open(os.path.join(run_dir, HF_CONFIG), "w") as f:
     json.dump(hf_dict, f, indent=2, sort_keys=True)
   return cfg

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -87,23 +88,66 @@ def rope(x_BxLxHxK: jax.Array, theta: float, positions_BxL: jax.Array | None = N
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attend(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxV: jax.Array, dt,
-           scale: float | None = None) -> jax.Array:
-  """Causal softmax attention of rotated q [.., H, K] over k, v of G = H / r groups.
+def attend(q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxV: jax.Array, dt,
+           scale: float | None = None, mask_BxLxM: jax.Array | None = None) -> jax.Array:
+  """Softmax attention of rotated q [.., H, K] over k, v of G = H / r groups.
 
   Grouped-query attention: query head h reads key/value head h // r (no
-  repeated copies); G = H is multi-head attention. Returns float32 [B, L, H, V].
+  repeated copies); G = H is multi-head attention. The mask defaults to
+  causal over M = L keys; a decoder passes its cache mask (M cache slots).
+  Returns float32 [B, L, H, V].
   """
   b, l, h, kd = q_BxLxHxK.shape
-  g = k_BxLxGxK.shape[2]
+  g = k_BxMxGxK.shape[2]
   scale = 1.0 / math.sqrt(kd) if scale is None else scale
   q = q_BxLxHxK.reshape(b, l, g, h // g, kd)
-  s = dot("blgrk,bmgk->bgrlm", q, k_BxLxGxK, dt) * scale
-  causal_LxL = jnp.tril(jnp.ones((l, l), bool))
-  s = jnp.where(causal_LxL, s, jnp.finfo(jnp.float32).min)
+  s = dot("blgrk,bmgk->bgrlm", q, k_BxMxGxK, dt) * scale
+  if mask_BxLxM is None:
+    mask = jnp.tril(jnp.ones((l, l), bool))
+  else:
+    mask = mask_BxLxM[:, None, None]
+  s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1)
-  o = dot("bgrlm,bmgv->blgrv", p, v_BxLxGxV, dt)
-  return o.reshape(b, l, h, v_BxLxGxV.shape[-1])
+  o = dot("bgrlm,bmgv->blgrv", p, v_BxMxGxV, dt)
+  return o.reshape(b, l, h, v_BxMxGxV.shape[-1])
+
+
+def cached_kv(module: nn.Module, k_BxLxGxK: jax.Array, v_BxLxGxV: jax.Array,
+              dec: "Decoding", dt) -> tuple[jax.Array, jax.Array]:
+  """Write this step's keys/values into `module`'s "cache" at dec.index; the full caches.
+
+  The cache holds M = dec.valid_BxM.shape[1] slots per sequence in the
+  compute dtype (what `attend` casts keys and values to anyway, so cached
+  and full attention see the same numbers).
+  """
+  b, _, g, _ = k_BxLxGxK.shape
+  m = dec.valid_BxM.shape[1]
+  out = []
+  for name, x in (("k", k_BxLxGxK), ("v", v_BxLxGxV)):
+    c = module.variable("cache", name, jnp.zeros, (b, m, g, x.shape[-1]), dt)
+    c.value = jax.lax.dynamic_update_slice(c.value, x.astype(dt), (0, dec.index, 0, 0))
+    out.append(c.value)
+  return out[0], out[1]
+
+
+@flax.struct.dataclass
+class Decoding:
+  """What a cached forward pass over new tokens needs (moejax/inference/decode.py).
+
+  The L new tokens sit at cache slots index..index+L-1 and RoPE positions
+  `positions_BxL`; `valid_BxM` marks the cache slots that hold real tokens
+  (False on left padding). Query slot i attends slot j iff j <= i and j is valid.
+  """
+
+  positions_BxL: jax.Array  # int32
+  index: jax.Array  # int32 scalar: cache slot of the first new token
+  valid_BxM: jax.Array  # bool [B, M]
+
+  def mask(self, l: int) -> jax.Array:
+    """bool [B, L, M]: which cache slots each new token attends."""
+    m = self.valid_BxM.shape[1]
+    q_L = self.index + jnp.arange(l)
+    return (jnp.arange(m)[None, None, :] <= q_L[None, :, None]) & self.valid_BxM[:, None, :]
 
 
 class CausalAttention(nn.Module):
@@ -128,7 +172,8 @@ class CausalAttention(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None,
+               dec: Decoding | None = None) -> jax.Array:
     b, l, d = x_BxLxD.shape
     h = self.num_heads
     g = self.num_kv_heads or h
@@ -156,9 +201,15 @@ class CausalAttention(nn.Module):
     elif self.qk_norm == "full":
       q = RMSNorm(self.norm_eps, name="q_norm")(q.reshape(b, l, h * k)).reshape(b, l, h, k)
       kk = RMSNorm(self.norm_eps, name="k_norm")(kk.reshape(b, l, g * k)).reshape(b, l, g, k)
+    if dec is not None:
+      positions_BxL = dec.positions_BxL
     q = rope(q, self.rope_theta, positions_BxL)
     kk = rope(kk, self.rope_theta, positions_BxL)
-    o_BxLxHxK = attend(q, kk, v, dt)
+    if dec is None:
+      o_BxLxHxK = attend(q, kk, v, dt)
+    else:
+      kk, v = cached_kv(self, kk, v, dec, dt)
+      o_BxLxHxK = attend(q, kk, v, dt, mask_BxLxM=dec.mask(l))
     w_out = self.param("w_out", fan_in_init(h * k, self.out_scale), (h, k, d))
     y = linear(o_BxLxHxK.reshape(b, l, h * k), w_out.reshape(h * k, d), dt)
     if self.bias == "qkvo":
@@ -204,7 +255,8 @@ class AttentionExperts(nn.Module):
   renormalize: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x_BxLxD: jax.Array, dec: Decoding | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     b, l, d = x_BxLxD.shape
     h, e = self.num_heads, self.num_experts
     k = d // h
@@ -224,9 +276,15 @@ class AttentionExperts(nn.Module):
       q_BxLxExHxK, kv_BxLxEx2xHxK = qkv[:, :, :, 0], qkv[:, :, :, 1:]
     w_out = self.param("w_out", fan_in_init(d, self.out_scale), (e, h, k, d))
     # Experts fold into the head axis: E*H independent causal heads.
-    o = attend(rope(q_BxLxExHxK.reshape(b, l, e * h, k), self.rope_theta),
-               rope(kv_BxLxEx2xHxK[:, :, :, 0].reshape(b, l, e * h, k), self.rope_theta),
-               kv_BxLxEx2xHxK[:, :, :, 1].reshape(b, l, e * h, k), dt)
+    pos = None if dec is None else dec.positions_BxL
+    q = rope(q_BxLxExHxK.reshape(b, l, e * h, k), self.rope_theta, pos)
+    kk = rope(kv_BxLxEx2xHxK[:, :, :, 0].reshape(b, l, e * h, k), self.rope_theta, pos)
+    v = kv_BxLxEx2xHxK[:, :, :, 1].reshape(b, l, e * h, k)
+    if dec is None:
+      o = attend(q, kk, v, dt)
+    else:
+      kk, v = cached_kv(self, kk, v, dec, dt)
+      o = attend(q, kk, v, dt, mask_BxLxM=dec.mask(l))
     x_TxD = x_BxLxD.reshape(b * l, d).astype(jnp.float32)
     logits_TxE = jnp.dot(x_TxD, w_DxE, precision="highest")
     combine_TxE, losses = attention_route(logits_TxE, self.top_k, self.renormalize)

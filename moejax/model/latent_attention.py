@@ -29,9 +29,10 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from moejax.layers import DTYPES, RMSNorm, fan_in_init, linear
-from moejax.model.attention import attend, rope
+from moejax.layers import DTYPES, RMSNorm, dot, fan_in_init, linear
+from moejax.model.attention import Decoding, attend, rope
 
 
 class LatentAttention(nn.Module):
@@ -57,7 +58,8 @@ class LatentAttention(nn.Module):
     return y
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None,
+               dec: Decoding | None = None) -> jax.Array:
     b, l, d = x_BxLxD.shape
     h, nope, rdim, vdim = (self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
                            self.v_head_dim)
@@ -69,18 +71,45 @@ class LatentAttention(nn.Module):
       q = self._proj("w_q_b", c_q, (h, kqk), False)
     else:
       q = self._proj("w_q", x_BxLxD, (h, kqk), False)
-    kv_a = self._proj("w_kv_a", x_BxLxD, (self.kv_lora_rank + rdim,), self.bias)
-    c_kv = RMSNorm(self.norm_eps, name="kv_a_norm")(kv_a[..., :self.kv_lora_rank])
-    k_pe = rope(kv_a[..., None, self.kv_lora_rank:], self.rope_theta, positions_BxL)
-    kv = self._proj("w_kv_b", c_kv, (h, nope + vdim), False)
+    if dec is not None:
+      positions_BxL = dec.positions_BxL
+    r = self.kv_lora_rank
+    kv_a = self._proj("w_kv_a", x_BxLxD, (r + rdim,), self.bias)
+    c_kv = RMSNorm(self.norm_eps, name="kv_a_norm")(kv_a[..., :r])
+    k_pe = rope(kv_a[..., None, r:], self.rope_theta, positions_BxL)
     q_pe = rope(q[..., nope:], self.rope_theta, positions_BxL)
-    q = jax.numpy.concatenate([q[..., :nope].astype(q_pe.dtype), q_pe], axis=-1)
-    k = jax.numpy.concatenate(
-        [kv[..., :nope].astype(k_pe.dtype), jax.numpy.broadcast_to(k_pe, (b, l, h, rdim))],
-        axis=-1)
-    o = attend(q, k, kv[..., nope:], dt, scale=1.0 / math.sqrt(kqk))
+    if dec is None:
+      kv = self._proj("w_kv_b", c_kv, (h, nope + vdim), False)
+      q = jnp.concatenate([q[..., :nope].astype(q_pe.dtype), q_pe], axis=-1)
+      k = jnp.concatenate(
+          [kv[..., :nope].astype(k_pe.dtype), jnp.broadcast_to(k_pe, (b, l, h, rdim))], axis=-1)
+      o = attend(q, k, kv[..., nope:], dt, scale=1.0 / math.sqrt(kqk))
+    else:
+      o = self._attend_latent(q[..., :nope], q_pe, c_kv, k_pe[:, :, 0], dec, dt)
     w_out = self.param("w_out", fan_in_init(h * vdim, self.out_scale), (h, vdim, d))
     y = linear(o.reshape(b, l, h * vdim), w_out.reshape(h * vdim, d), dt)
     if self.bias:
       y = y + self.param("b_out", nn.initializers.zeros, (d,))
     return y
+
+  def _attend_latent(self, q_nope_BxLxHxN: jax.Array, q_pe_BxLxHxR: jax.Array,
+                     c_BxLxC: jax.Array, k_pe_BxLxR: jax.Array, dec: Decoding, dt
+                     ) -> jax.Array:
+    """Cached attention over the latent: caches c [B, M, r] and k_pe [B, M, rope]."""
+    b, l, h, nope = q_nope_BxLxHxN.shape
+    r, m = c_BxLxC.shape[-1], dec.valid_BxM.shape[1]
+    cache = []
+    for name, x in (("c_kv", c_BxLxC), ("k_pe", k_pe_BxLxR)):
+      var = self.variable("cache", name, jnp.zeros, (b, m, x.shape[-1]), dt)
+      var.value = jax.lax.dynamic_update_slice(var.value, x.astype(dt), (0, dec.index, 0))
+      cache.append(var.value)
+    c_BxMxC, k_pe_BxMxR = cache
+    w_kv_b = self.param("w_kv_b", fan_in_init(r), (r, h, nope + self.v_head_dim))
+    q_lat_BxLxHxC = dot("blhn,chn->blhc", q_nope_BxLxHxN, w_kv_b[..., :nope], dt)
+    s = (dot("blhc,bmc->bhlm", q_lat_BxLxHxC, c_BxMxC, dt)
+         + dot("blhr,bmr->bhlm", q_pe_BxLxHxR, k_pe_BxMxR, dt))
+    s = s / math.sqrt(nope + q_pe_BxLxHxR.shape[-1])
+    s = jnp.where(dec.mask(l)[:, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    o_lat = dot("bhlm,bmc->blhc", p, c_BxMxC, dt)
+    return dot("blhc,chv->blhv", o_lat, w_kv_b[..., nope:], dt)

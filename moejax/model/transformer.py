@@ -26,7 +26,7 @@ from moejax.aux_losses import AuxLoss
 from moejax.checks import choice, fail, positive, positive_int
 from moejax.layers import DTYPES, RMSNorm, SwiGLU, dot, linear
 from moejax.model import attention as attention_lib
-from moejax.model.attention import AttentionExperts, CausalAttention
+from moejax.model.attention import AttentionExperts, CausalAttention, Decoding
 from moejax.model.latent_attention import LatentAttention
 from moejax.moe import MoELayer
 from moejax.moe import adapters as adapters_lib
@@ -113,7 +113,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, Any], token_ids_BxL: jax.Array,
-               shared: dict) -> tuple[tuple[jax.Array, Any], dict]:
+               shared: dict, dec: Decoding | None = None) -> tuple[tuple[jax.Array, Any], dict]:
     x_BxLxD, router_carry = carry
     m = self.cfg.model
     out_scale = 1.0 / math.sqrt(2 * m.num_layers)
@@ -124,17 +124,17 @@ class Block(nn.Module):
       h = LatentAttention(m.num_heads, m.mla.q_lora_rank, m.mla.kv_lora_rank,
                           m.mla.qk_nope_head_dim, m.mla.qk_rope_head_dim, m.mla.v_head_dim,
                           m.rope_theta, m.dtype, out_scale, m.attn_bias == "qkvo", eps,
-                          name="attn")(a_in)
+                          name="attn")(a_in, dec=dec)
     elif m.get("attn_experts", 0):  # mixture of attention experts (MoA)
       h, attn_losses = AttentionExperts(
           m.num_heads, m.attn_experts, m.attn_top_k, m.attn_shared_kv, m.rope_theta, m.dtype,
-          out_scale, m.get("attn_renormalize", True), name="attn")(a_in)
+          out_scale, m.get("attn_renormalize", True), name="attn")(a_in, dec)
       losses.update(attn_losses)
     else:
       h = CausalAttention(m.num_heads, m.rope_theta, m.dtype, out_scale,
                           m.get("num_kv_heads", 0), m.get("head_dim", 0),
                           m.get("attn_bias", "none"), m.get("qk_norm", "none"), eps,
-                          name="attn")(a_in)
+                          name="attn")(a_in, dec=dec)
     if (adapter := make_adapter(self.cfg, "attn")) is not None:  # moe.adapters
       delta, ad_losses = adapter(a_in)
       h = h + delta
@@ -173,14 +173,14 @@ class Period(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, carry, token_ids_BxL: jax.Array, shared: dict):
+  def __call__(self, carry, token_ids_BxL: jax.Array, shared: dict, dec: Decoding | None):
     block = Block
     if self.cfg.model.remat:
       block = nn.remat(Block, prevent_cse=False)
     per_block, moe_aux = [], None
     for j in range(self.n):
       carry, out = block(self.cfg, self.first_moe and j == 0, self.deterministic,
-                         name=f"block{j}")(carry, token_ids_BxL, shared)
+                         name=f"block{j}")(carry, token_ids_BxL, shared, dec)
       per_block.append(out["losses"])
       moe_aux = out["moe"] if out["moe"] is not None else moe_aux
     names = sorted({k for losses in per_block for k in losses})
@@ -191,9 +191,9 @@ class Period(nn.Module):
 def _scanned(cfg, length: int, n: int, first_moe: bool, deterministic: bool,
              name: str) -> nn.Module:
   stack = nn.scan(Period, variable_axes={"params": 0, "moe_state": 0, "balance": 0,
-                                          "intermediates": 0, ADAPTER_MASK: 0},
+                                          "intermediates": 0, ADAPTER_MASK: 0, "cache": 0},
                   split_rngs={"params": True, "router": True},
-                  in_axes=(nn.broadcast, nn.broadcast), length=length,
+                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length,
                   metadata_params={nn.PARTITION_NAME: "layers"})
   return stack(cfg, n, first_moe, deterministic, name=name)
 
@@ -206,14 +206,34 @@ class TransformerLM(nn.Module):
          "state_stats": {name: [num_moe_layers, ...]}, "balance_counts": [num_moe_layers, E]
          or None} (empty dicts for a dense model); state_stats feed the routers'
   non-trained state updates (moejax.moe.state).
+
+  With `cache_len` M > 0 the model is a cached decoder (moejax/inference/decode.py):
+  `__call__(ids, positions_BxL=..., valid_BxL=..., cache_index=...)` runs the
+  new tokens ids [B, L] at cache slots cache_index..cache_index+L-1 over the
+  keys and values of the mutable "cache" collection (per attention layer,
+  M slots; "valid" marks slots holding real tokens).
   """
 
   cfg: ml_collections.FrozenConfigDict
   deterministic: bool = True
+  cache_len: int = 0
 
   @nn.compact
-  def __call__(self, ids_BxL: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(self, ids_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+               valid_BxL: jax.Array | None = None, cache_index: jax.Array | None = None
+               ) -> tuple[jax.Array, dict]:
     m = self.cfg.model
+    dec = None
+    if self.cache_len:
+      if positions_BxL is None or valid_BxL is None or cache_index is None:
+        raise ValueError("a cached decoder (cache_len > 0) needs positions_BxL, valid_BxL "
+                         "and cache_index")
+      valid = self.variable("cache", "valid", jnp.zeros, (ids_BxL.shape[0], self.cache_len),
+                            bool)
+      valid.value = jax.lax.dynamic_update_slice(valid.value, valid_BxL.astype(bool),
+                                                 (0, cache_index))
+      dec = Decoding(positions_BxL.astype(jnp.int32), jnp.asarray(cache_index, jnp.int32),
+                     valid.value)
     embed = self.param("embed", nn.initializers.normal(0.02),
                        (m.vocab_size, m.d_model))
     x = jnp.take(embed, ids_BxL, axis=0)
@@ -227,12 +247,12 @@ class TransformerLM(nn.Module):
     outs = []
     if n_dense:
       carry, out = _scanned(self.cfg, n_dense, 1, False, self.deterministic,
-                            layout.DENSE_STACK)(carry, ids_BxL, shared)
+                            layout.DENSE_STACK)(carry, ids_BxL, shared, dec)
       outs.append(out)
     aux = {"metrics": {}, "state_stats": {}, "balance_counts": None}
     if n_periods:
       carry, out = _scanned(self.cfg, n_periods, self.cfg.moe.every, True,
-                            self.deterministic, layout.MOE_STACK)(carry, ids_BxL, shared)
+                            self.deterministic, layout.MOE_STACK)(carry, ids_BxL, shared, dec)
       outs.append(out)
       aux = dict(out["moe"])
     per_name: dict[str, list[jax.Array]] = {}

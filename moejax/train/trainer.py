@@ -251,6 +251,22 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def write_run(cfg: ml_collections.ConfigDict, variables: dict, run_dir: str,
+              step: int = 0) -> None:
+  """An ordinary run directory around `variables`: config.json and checkpoints/<step>
+  (fresh optimizer state, the data iterator at its start), which training resumes
+  from and every tool that reads runs accepts."""
+  variables = jax.tree.map(jnp.asarray, variables)
+  tx = init_hooks.wrap_optimizer(cfg, make_optimizer(cfg.train))
+  state = state_from_variables(variables, tx)
+  data = data_lib.from_config(cfg)
+  os.makedirs(run_dir, exist_ok=True)
+  ckpt = Checkpointer(run_dir, cfg.train.keep_checkpoints)
+  ckpt.save(step, state, data.train_iterator(cfg.train.batch_size, cfg.seed).get_state())
+  ckpt.close()
+  write_config(cfg, run_dir)
+
+
 @dataclasses.dataclass
 class _Clock:
   t: float = dataclasses.field(default_factory=time.time)
