@@ -165,6 +165,7 @@ class MoELayer(nn.Module):
     if route.probs_TxE is not None:
       sown["probs_TxE"] = route.probs_TxE
     self.sow("intermediates", "routing", sown)
+    self.sow("intermediates", "moe_input", x_TxD)  # the layer's input (moejax/compress)
     family = get_family(cfg)
     dtype = DTYPES[self.dtype]
     experts = Experts(family, cfg.num_experts, cfg.expert_hidden, dtype, self.out_scale,

@@ -274,3 +274,22 @@ def test_attention_is_causal(h, g, kd, bias, qk_norm):
   y, y2 = (apply_jit(mod, params, v) for v in (x, x2))
   np.testing.assert_array_equal(y[:, :t + 1], y2[:, :t + 1])
   assert not np.allclose(y[:, t + 1:], y2[:, t + 1:])
+
+
+@pytest.mark.parametrize("l", [256, 300])  # two full query blocks; a ragged last block
+def test_blockwise_causal_attention_equals_a_float64_softmax(l):
+  from moejax.model import attention as attn  # noqa: PLC0415
+  assert l >= 2 * attn.CAUSAL_BLOCK  # the block-by-block path is the one under test
+  rng = np.random.default_rng(0)
+  b, h, g, k = 1, 4, 2, 8
+  q = rng.normal(size=(b, l, h, k)).astype(np.float32)
+  kk = rng.normal(size=(b, l, g, k)).astype(np.float32)
+  v = rng.normal(size=(b, l, g, k)).astype(np.float32)
+  got = np.asarray(jax.jit(lambda *a: attn.attend(*a, jnp.float32))(q, kk, v))
+  s = np.einsum("blgrk,bmgk->bgrlm", q.reshape(b, l, g, h // g, k).astype(np.float64),
+                kk.astype(np.float64)) / np.sqrt(k)
+  s = np.where(np.tril(np.ones((l, l), bool)), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bgrlm,bmgv->blgrv", p, v.astype(np.float64)).reshape(b, l, h, k)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
