@@ -7,7 +7,7 @@ then, for the traces and tables of docs/inference.md:
       --trace runs/e32/gen_trace.npz
   python tools/capture_trace.py --run runs/e32 --out runs/e32/val_trace.npz
   python tools/simulate_offload.py --trace runs/e32/val_trace.npz --json runs/e32/offload.json
-  python tools/simulate_placement.py --trace runs/e32/val_trace.npz --devices 4 --replicate 4
+  python tools/simulate_placement.py --trace runs/e32/val_trace.npz --devices 4 --replicas 4
 
 What it is: the quickstart (configs/quickstart.py) with fine-grained experts at
 the same active compute per token: 32 experts of width 128, 4 per token

@@ -160,6 +160,11 @@ def test_affinity_and_predictor_prefetch_a_permutation_chain():
     assert r["prefetch_accuracy"] == r["prefetch_recall"] == 1.0
     assert r["misses"] == lru["misses"] // 3
     assert r["hit_rate"] > lru["hit_rate"] + 0.3
+  # One global cache of 6: prefetching never evicts the layer's experts in use.
+  glob = {r["policy"]: r for r in offload.evaluate(
+      t, [6], ["lru", "lru+prefetch_affinity"], scope="global")}
+  assert glob["lru+prefetch_affinity"]["prefetch_accuracy"] == 1.0
+  assert glob["lru+prefetch_affinity"]["hit_rate"] > glob["lru"]["hit_rate"]
 
 
 def test_predictor_reads_router_probabilities_when_stored():

@@ -26,6 +26,8 @@ def test_round_robin_numbers_by_hand():
   assert row["a2a_bytes_per_token_layer"] == row["a2a_bytes_per_token"] == 192.0
   assert row["devices_per_token"] == 1.25
   assert row["load_imbalance"] == 1.25
+  # One copy per remote device: remote devices 1, 0, 0, 1 -> 0.5 * 256 = 128.
+  assert row["a2a_dedup_bytes_per_token_layer"] == 128.0
   assert (row["method"], row["devices"], row["replicas"], row["note"]) == (
       "round_robin", 2, 0, "")
   assert pl.evaluate_placement(p, HAND, dtype_bytes=4)["a2a_bytes_per_token"] == 384.0
