@@ -7,8 +7,8 @@
 The prompt comes from exactly one of --prompt TEXT, --prompts FILE.jsonl (one
 {"prompt": "..."} or {"tokens": [ids]} per line) or --prompt-tokens 1,2,3.
 Texts are tokenized with the run's data.tokenizer (its rules for one text,
-without a trailing end-of-text token). Decoding stops at --max-new-tokens or
-at a stop token: by default the checkpoint's eos_token_id (converted runs) or
+without a trailing end-of-text token: Tokenizer.encode_prompt). Decoding stops
+at --max-new-tokens or at a stop token: by default the checkpoint's eos_token_id (converted runs) or
 the tokenizer's EOS; `--stop-tokens none` turns that off. Without --greedy
 the next token is sampled from softmax(logits / T) (T = 1 by default) within
 the top-k tokens and the top-p nucleus, with per-prompt keys from --seed.
@@ -56,7 +56,7 @@ def read_prompts(path: str, tok) -> list[list[int]]:
       if "prompt" in obj:
         if not isinstance(obj["prompt"], str):
           raise ValueError(f"{where}: 'prompt' must be a string; {allowed}")
-        out.append(encode_prompt(tok, obj["prompt"]))
+        out.append(tok.encode_prompt(obj["prompt"]).tolist())
       else:
         toks = obj["tokens"]
         if (not isinstance(toks, list)
@@ -66,14 +66,6 @@ def read_prompts(path: str, tok) -> list[list[int]]:
   if not out:
     raise ValueError(f"--prompts {path!r} holds no prompt; {allowed}")
   return out
-
-
-def encode_prompt(tok, text: str) -> list[int]:
-  """The tokenizer's ids for one text (BOS and such as its rules add) minus a final EOS."""
-  ids = [int(i) for i in tok.encode_document(text)]
-  if ids and tok.eos_id is not None and ids[-1] == tok.eos_id:
-    ids = ids[:-1]
-  return ids
 
 
 def default_stop_tokens(run_dir: str, tok) -> list[int]:
@@ -124,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     samp = sampling.Sampling(args.greedy, args.temperature, args.top_k, args.top_p)
     tok = tok_lib.get(cfg.data.get("tokenizer", tok_lib.BYTES))
     if args.prompt is not None:
-      prompts = [encode_prompt(tok, args.prompt)]
+      prompts = [tok.encode_prompt(args.prompt).tolist()]
     elif args.prompt_tokens is not None:
       prompts = [_ids(args.prompt_tokens, "--prompt-tokens")]
     else:

@@ -89,9 +89,7 @@ class MoejaxLM(LM):
   # ------------------------------------------------------------------ tokens
 
   def _prompt(self, text: str) -> list[int]:
-    ids = [int(i) for i in self.tok.encode_document(text)]
-    if ids and self.tok.eos_id is not None and ids[-1] == self.tok.eos_id:
-      ids = ids[:-1]
+    ids = self.tok.encode_prompt(text).tolist()
     if not ids:  # a tokenizer that adds nothing to an empty text
       start = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
       if start is None:

@@ -133,7 +133,9 @@ def _logprob_fn(frozen: ml_collections.FrozenConfigDict):
   return fn
 
 
-def _pad_len(n: int) -> int:
+def pad_len(n: int) -> int:
+  """The padded length class of n tokens: the next power of two, at least MIN_PAD (one
+  compilation per class)."""
   return max(MIN_PAD, 1 << (n - 1).bit_length())
 
 
@@ -149,7 +151,7 @@ def token_logprobs(cfg: ml_collections.ConfigDict, variables: dict,
   out: list = [None] * len(seqs)
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
-    width = _pad_len(seqs[rows[0]].size)
+    width = pad_len(seqs[rows[0]].size)
     ids_BxL = np.zeros((batch_size, width), np.int32)
     for b, r in enumerate(rows):
       ids_BxL[b, :seqs[r].size] = seqs[r]

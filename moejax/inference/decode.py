@@ -36,11 +36,11 @@ import ml_collections
 import numpy as np
 
 from moejax import layout
+from moejax.eval.nll import pad_len
 from moejax.inference.sampling import Sampling, sample
 from moejax.model.transformer import TransformerLM
 from moejax.moe.routers import get_router
 
-MIN_WIDTH = 16  # narrowest padded prompt width
 
 
 def decode_refusal(cfg: ml_collections.ConfigDict) -> str | None:
@@ -81,10 +81,6 @@ class Generation:
   prompt_tokens: np.ndarray  # int32 [P]
   tokens: np.ndarray  # int32 [n]
   stopped: bool  # ended on a stop token (else on max_new_tokens)
-
-
-def _width(n: int) -> int:
-  return max(MIN_WIDTH, 1 << (n - 1).bit_length())
 
 
 class Decoder:
@@ -136,7 +132,7 @@ class Decoder:
     routes: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
       chunk = prompts[start:start + batch_size]
-      p = _width(max(x.size for x in chunk))
+      p = pad_len(max(x.size for x in chunk))
       b = len(chunk) if len(prompts) <= batch_size else batch_size
       ids_BxP = np.zeros((b, p), np.int32)
       pad_B = np.full(b, p - 1, np.int32)  # unused rows: one dummy token

@@ -54,6 +54,14 @@ class Tokenizer:
   def token_bytes(self) -> np.ndarray:
     raise NotImplementedError
 
+  def encode_prompt(self, text: str) -> np.ndarray:
+    """`encode_document` ids without a final EOS: a text to be continued (BOS and such as
+    the rules add stay)."""
+    ids = self.encode_document(text)
+    if ids.size and self.eos_id is not None and int(ids[-1]) == self.eos_id:
+      ids = ids[:-1]
+    return ids.astype(np.int32)
+
   def document_separator(self, ids: np.ndarray) -> np.ndarray:
     """`encode_document` ids ending in EOS (appended if the rules do not add it).
 
