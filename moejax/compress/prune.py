@@ -46,6 +46,7 @@ import numpy as np
 from moejax import layout
 from moejax.checks import ConfigError
 from moejax.compress.calibrate import Calibration
+from moejax.compress.method import Method, Option, Result
 from moejax.init import grow
 from moejax.moe import layer as moe_layer
 from moejax.moe.experts import get_family
@@ -405,3 +406,68 @@ def prune(cfg: ml_collections.ConfigDict, variables: dict, criterion: str, remov
   return Pruned(cfg=new_cfg, variables=new_vars, layers=layers, criterion=criterion,
                 removed_NxR=removed, kept_NxK=kept, scores_NxE=scores, order_NxR=order,
                 errors_NxR=errors)
+
+
+# --------------------------------------------------------------------------- the CLI method
+
+
+def _share(part, total) -> float:
+  return float(part / total) if total > 0 else 0.0
+
+
+def _cli_check(cfg: ml_collections.ConfigDict, args) -> None:
+  if args.criterion not in CRITERIA:
+    raise ValueError(f"--criterion {args.criterion!r} is not a pruning criterion; allowed: "
+                     f"{list(CRITERIA)}")
+  check_options(cfg, args.criterion, args.remove, args.seed, "--remove")
+
+
+def _cli_apply(cfg: ml_collections.ConfigDict, variables: dict, calib: Calibration | None,
+               args, previous: list[dict]) -> Result:
+  pruned = prune(cfg, variables, args.criterion, args.remove, calib, args.seed)
+  prev_kept = previous[-1].get("kept_original") if previous else None
+  entry = {"criterion": args.criterion, "remove": args.remove, "seed": args.seed,
+           "num_experts_before": cfg.moe.num_experts,
+           "num_experts_after": pruned.cfg.moe.num_experts,
+           "removed_per_layer": int(pruned.removed_NxR.shape[1]),
+           "removed": {}, "kept": {}, "kept_original": {}, "removed_share": {}}
+  for i, layer in enumerate(pruned.layers):
+    key = str(layer)
+    rm, kept = pruned.removed_NxR[i], pruned.kept_NxK[i]
+    entry["removed"][key] = rm.tolist()
+    entry["kept"][key] = kept.tolist()
+    entry["kept_original"][key] = ([prev_kept[key][j] for j in kept] if prev_kept
+                                   else kept.tolist())
+    if calib is not None:
+      entry["removed_share"][key] = {
+          "tokens": _share(calib.counts_NxE[i, rm].sum(), calib.counts_NxE[i].sum()),
+          "gate_weight": _share(calib.gate_NxE[i, rm].sum(), calib.gate_NxE[i].sum())}
+  if pruned.order_NxR is not None:
+    entry["removal_order"] = {str(l): pruned.order_NxR[i].tolist()
+                              for i, l in enumerate(pruned.layers)}
+    entry["output_error"] = {str(l): np.asarray(pruned.errors_NxR[i]).tolist()
+                             for i, l in enumerate(pruned.layers)}
+  return Result(pruned.cfg, pruned.variables, entry)
+
+
+def _cli_describe(entry: dict) -> list[str]:
+  lines = [f"pruned {entry['removed_per_layer']} of {entry['num_experts_before']} experts per "
+           f"layer ({entry['criterion']}): moe.num_experts {entry['num_experts_before']} -> "
+           f"{entry['num_experts_after']}"]
+  for layer, removed in entry["removed"].items():
+    share = entry["removed_share"].get(layer)
+    lines.append(f"  layer {layer}: removed {removed}" + (
+        "" if share is None else f" (their share: tokens {100 * share['tokens']:.1f}%, "
+                                 f"gate weight {100 * share['gate_weight']:.1f}%)"))
+  return lines
+
+
+METHOD = Method(
+    name="prune", summary="remove experts by a criterion (moejax/compress/prune.py)",
+    options=(Option("--criterion", {"required": True,
+                                    "help": f"which experts go: {', '.join(CRITERIA)}"}),
+             Option("--remove", {"required": True, "type": float,
+                                 "help": "fraction of each layer's experts to remove, in "
+                                         "(0, 1)"})),
+    check=_cli_check, apply=_cli_apply,
+    describe=_cli_describe)

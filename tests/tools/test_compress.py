@@ -120,8 +120,10 @@ def test_bad_input_exits_2(src, pruned, tmp_path, capsys):
       (_args(_config_only(tmp_path, "dense", enabled=False), out), "not an MoE"),
       (_args(src, out, "--calib", str(tmp_path / "missing.txt")), "is neither a split"),
       (_args(src, out, "--calib-batches", "0"), "--calib-batches 0 is invalid"),
-      (_args(src, out, "--method", "merge"), r"--method 'merge' is not implemented; "
-                                             r"allowed: \['prune'\]"),
+      (_args(src, out, "--method", "shrink"), r"--method 'shrink' is not implemented; "
+                                              r"allowed: \['prune'"),
+      (["--run", src, "--method", "prune", "--remove", "0.5", "--out", out],
+       "--method prune needs --criterion"),
       (_args(src, out, "--criterion", "magnitude"), r"--criterion 'magnitude' .*allowed: "
                                                     r"\['frequency', 'gate_weight'"),
       (_args(src, out, "--seed", "-1"), "--seed -1 is invalid"),

@@ -1,0 +1,71 @@
+"""The compression-method contract: what tools/compress.py needs from each method family.
+
+A method declares its command-line options (`Option`), whether it needs a
+`Calibration` of the source model, a `check` that validates the options
+against the source config before anything is read, and an `apply` that
+returns the compressed model (`Result`: new config, new variables, and the
+method's own entry of compress.json). tools/compress.py owns what every
+method shares: the run directories, calibration, the report, composition.
+
+Adding a method is one module in moejax/compress/ that defines a `METHOD`,
+one line in moejax/compress/__init__.py's METHODS, and one test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """One method option: its flag and argparse keywords (`required`, `type`, `default`, ...)."""
+
+  flag: str
+  kwargs: dict
+
+  @property
+  def dest(self) -> str:
+    return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclasses.dataclass
+class Result:
+  """What a method returns: the compressed run's config and variables, and its report entry.
+
+  `entry` holds the method's options and what it did, JSON-serialisable;
+  tools/compress.py adds the method name, the source run and the step.
+  `arrays` are extra NumPy arrays the tool stores beside compress.json
+  (e.g. a merge's expert map), keyed by file-name stem.
+  """
+
+  cfg: ml_collections.ConfigDict
+  variables: dict
+  entry: dict
+  arrays: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A compression method as the CLI runs it.
+
+  check(cfg, args): raise ValueError naming the option for bad options
+      (before any checkpoint is read).
+  apply(cfg, variables, calib, args, previous): the Result; `calib` is None
+      unless `calibrates(args)`; `previous` are the compress.json entries of
+      the compressions the source run already had.
+  calibrates(args): whether `apply` needs a Calibration with these options.
+  """
+
+  name: str
+  summary: str
+  options: tuple[Option, ...]
+  check: Callable[[ml_collections.ConfigDict, Any], None]
+  apply: Callable[..., Result]
+  calibrates: Callable[[Any], bool] = lambda args: True
+  describe: Callable[[dict], list[str]] = lambda entry: []
+
+  def flags(self) -> set[str]:
+    return {o.flag for o in self.options}
