@@ -125,22 +125,56 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
                          f"moe.adapters.base={a.base!r}, which has {theirs[k]!r}")
 
 
-def load_run(run_dir: str, step: int = -1) -> tuple[dict, dict, int]:
-  """(params, non-param collections, step) of a run's checkpoint (-1 = newest)."""
+def _open_step(run_dir: str, step: int, handler):
+  """(read-only CheckpointManager of the run's checkpoints/ with `handler` for "state", the
+  step to read: `step`, or the newest for -1); raises ValueError naming what is missing."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   path = os.path.abspath(os.path.join(run_dir, "checkpoints"))
   if not os.path.isdir(path):
     raise ValueError(f"run directory {run_dir!r} has no checkpoints/ to read")
-  with ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler()},
-                             options=ocp.CheckpointManagerOptions(create=False,
-                                                                  read_only=True)) as mgr:
-    steps = sorted(mgr.all_steps())
+  mgr = ocp.CheckpointManager(path, item_handlers={"state": handler},
+                              options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  steps = sorted(mgr.all_steps())
+  use = steps[-1] if steps and step == -1 else step
+  if not steps or use not in steps:
+    mgr.close()
     if not steps:
       raise ValueError(f"run directory {run_dir!r} has no checkpoint")
-    use = steps[-1] if step == -1 else step
-    if use not in steps:
-      raise ValueError(f"checkpoint step {step} is not in {run_dir!r}; it has {steps}")
-    state = mgr.restore(use, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = state["state"]
+    raise ValueError(f"checkpoint step {step} is not in {run_dir!r}; it has {steps}")
+  return mgr, use
+
+
+def load_run(run_dir: str, step: int = -1) -> tuple[dict, dict, int]:
+  """(params, non-param collections, step) of a run's checkpoint (-1 = newest).
+
+  Restores only those two entries of the "state" item (not the optimizer state).
+  """
+  import jax  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from etils import epath  # noqa: PLC0415
+
+  handler = ocp.PyTreeCheckpointHandler()
+  mgr, use = _open_step(run_dir, step, handler)
+  with mgr:
+    tree = handler.metadata(epath.Path(mgr.directory) / str(use) / "state").tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        {k: tree[k] for k in ("params", "collections") if k in tree})
+    state = mgr.restore(use, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))["state"]
   return state["params"], dict(state.get("collections", {})), use
+
+
+def run_arrays(run_dir: str, step: int = -1):
+  """(the "state" arrays of a run's checkpoint, read leaf by leaf or slice by slice, step):
+  the lighter `load_run` for tools that go through a checkpoint one leaf at a time
+  (moejax.train.checkpoint.StoredArrays; `.tree["params"]` / `.tree["collections"]`)."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from moejax.train.checkpoint import StoredArrays  # noqa: PLC0415
+
+  mgr, use = _open_step(run_dir, step, ocp.PyTreeCheckpointHandler())
+  mgr.close()
+  return StoredArrays(run_dir, use), use

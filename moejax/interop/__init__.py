@@ -3,7 +3,8 @@
 safetensors_io (streaming reads, sharded writes), hf_config (strict
 config.json reading), mapping (HF tensors <-> the moejax tree), decoder (what
 the families share), families/<model_type> (one per family), registry,
-convert (run directory <-> checkpoint directory). CLI: tools/convert.py;
+convert (run directory <-> checkpoint directory), streaming (both ways one
+leaf slice at a time). CLI: tools/convert.py;
 docs/checkpoints.md.
 """
 

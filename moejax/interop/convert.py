@@ -11,6 +11,9 @@ RUN_DIR/tokenizer and `data.tokenizer` names that copy; `to_hf` copies the
 run's tokenizer out again.
 `to_hf(run_dir, hf_dir)` writes config.json + safetensors shards that
 `transformers.AutoModelForCausalLM.from_pretrained` loads.
+Both stream (moejax/interop/streaming.py): memory holds about one layer slice
+of one leaf, not the checkpoint (docs/benchmarks.md, "Checkpoint conversion
+memory"); `load_hf` is the in-memory read.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import ml_collections
 from moejax.interop import mapping, registry
 from moejax.interop.errors import ConversionError
 from moejax.interop.hf_config import HFConfig
-from moejax.interop.safetensors_io import TensorReader, write_tensors
+from moejax.interop.safetensors_io import TensorReader
 
 HF_CONFIG = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"  # a run directory's copy of the checkpoint's tokenizer
@@ -99,16 +102,22 @@ def _validate(cfg: ml_collections.ConfigDict, what: str) -> None:
     raise ConversionError(f"{what} is not a valid moejax config: {e}") from e
 
 
-def load_hf(hf_dir: str, overrides: dict[str, Any] | None = None
-            ) -> tuple[ml_collections.ConfigDict, dict, dict]:
-  """(moejax config, variables {collection: tree of float32 arrays}, the HF config dict)."""
+def _hf_source(hf_dir: str, overrides: dict[str, Any] | None):
+  """(moejax config, HF config dict, family) of a checkpoint directory, validated."""
   hf_dict = read_hf_config(hf_dir)
   cfg = hf_to_config(hf_dict)
   if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
     cfg.data.tokenizer = os.path.abspath(hf_dir)  # from_hf points it at the run's copy
   _apply_overrides(cfg, overrides or {})
   _validate(cfg, f"the config converted from {hf_dir!r}")
-  fam = registry.get(hf_dict["model_type"])
+  return cfg, hf_dict, registry.get(hf_dict["model_type"])
+
+
+def load_hf(hf_dir: str, overrides: dict[str, Any] | None = None
+            ) -> tuple[ml_collections.ConfigDict, dict, dict]:
+  """(moejax config, variables {collection: tree of float32 arrays}, the HF config dict),
+  all in memory (`from_hf` streams instead)."""
+  cfg, hf_dict, fam = _hf_source(hf_dir, overrides)
   with TensorReader(hf_dir) as reader:
     variables = mapping.from_hf(cfg, fam.module.tensors(cfg, hf_dict), reader)
   return cfg, variables, hf_dict
@@ -116,21 +125,24 @@ def load_hf(hf_dir: str, overrides: dict[str, Any] | None = None
 
 def from_hf(hf_dir: str, run_dir: str, overrides: dict[str, Any] | None = None
             ) -> ml_collections.ConfigDict:
-  """Writes the run directory of a Hugging Face checkpoint; returns its config."""
-  import jax.numpy as jnp  # noqa: PLC0415
+  """Writes the run directory of a Hugging Face checkpoint; returns its config.
 
-  from moejax.train import trainer  # noqa: PLC0415
+  Streams: every tensor is checked first (names, shapes), then each leaf of the
+  checkpoint is written one layer slice at a time (moejax.interop.streaming).
+  """
+  from moejax.interop import streaming  # noqa: PLC0415
 
   for name in ("config.json", "checkpoints"):
     if os.path.exists(os.path.join(run_dir, name)):
       raise ConversionError(f"run directory {run_dir!r} already holds {name}; give a new one")
-  cfg, variables, hf_dict = load_hf(hf_dir, overrides)
-  os.makedirs(run_dir, exist_ok=True)
-  if cfg.data.tokenizer == os.path.abspath(hf_dir):
-    _copy_tokenizer(hf_dir, os.path.join(run_dir, TOKENIZER_DIR))
-    cfg.data.tokenizer = os.path.abspath(os.path.join(run_dir, TOKENIZER_DIR))
-  variables = {k: _tree_map(jnp.asarray, v) for k, v in variables.items()}
-  trainer.write_run(cfg, variables, run_dir)
+  cfg, hf_dict, fam = _hf_source(hf_dir, overrides)
+  with TensorReader(hf_dir) as reader:
+    leaves = mapping.read_plan(cfg, fam.module.tensors(cfg, hf_dict), reader)
+    os.makedirs(run_dir, exist_ok=True)
+    if cfg.data.tokenizer == os.path.abspath(hf_dir):
+      _copy_tokenizer(hf_dir, os.path.join(run_dir, TOKENIZER_DIR))
+      cfg.data.tokenizer = os.path.abspath(os.path.join(run_dir, TOKENIZER_DIR))
+    streaming.write_run(cfg, leaves, reader, run_dir)
   with open(os.path.join(run_dir, HF_CONFIG), "w") as f:
     json.dump(hf_dict, f, indent=2, sort_keys=True)
   return cfg
@@ -145,14 +157,15 @@ def _copy_tokenizer(src: str, dst: str) -> None:
       shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
-def _tree_map(fn, tree):
-  return {k: _tree_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
-
-
 def to_hf(run_dir: str, hf_dir: str, *, step: int = -1, model_type: str | None = None,
           max_shard_bytes: int = 2 << 30) -> dict:
-  """Writes config.json + safetensors of a run's checkpoint; returns the config.json dict."""
-  from moejax.init.sources import load_run, run_config  # noqa: PLC0415
+  """Writes config.json + safetensors of a run's checkpoint; returns the config.json dict.
+
+  Streams: only the params (and moe_state) are read, one chunk of one leaf at a time,
+  each tensor written into its shard as soon as it is converted.
+  """
+  from moejax.init.sources import run_arrays, run_config  # noqa: PLC0415
+  from moejax.interop import streaming  # noqa: PLC0415
 
   cfg = run_config(run_dir)
   origin = {}
@@ -165,11 +178,9 @@ def to_hf(run_dir: str, hf_dir: str, *, step: int = -1, model_type: str | None =
     origin = {}
   hf_dict = fam.module.config_to_hf(cfg, origin)
   hf_dict["transformers_version"] = origin.get("transformers_version", "5.25.0")
-  params, collections, _ = load_run(run_dir, step)
-  variables = {"params": params, **collections}
-  tensors = mapping.to_hf(cfg, fam.module.tensors(cfg, hf_dict), variables)
+  arrays, _ = run_arrays(run_dir, step)
   os.makedirs(hf_dir, exist_ok=True)
-  write_tensors(hf_dir, tensors, max_shard_bytes)
+  streaming.export(cfg, fam.module.tensors(cfg, hf_dict), arrays, hf_dir, max_shard_bytes)
   with open(os.path.join(hf_dir, "config.json"), "w") as f:
     json.dump(hf_dict, f, indent=2, sort_keys=True)
   tokenizer = cfg.data.get("tokenizer", "bytes")

@@ -7,6 +7,9 @@ ways. `from_hf` places each layer's slice in its scanned stack
 the shape the moejax leaf implies, and refuses missing and unexpected
 tensors; `to_hf` walks the same groups backwards. Both require every moejax
 leaf to be covered, so a leaf no family maps is an error, never dropped.
+`read_plan` / `read_piece` and `export_plan` / `export_piece` are the same
+walks one leaf slice at a time, for the streamed conversion
+(moejax/interop/streaming.py); `from_hf` / `to_hf` hold the whole tree.
 
 HF Linear weights are [out, in]; moejax matrices are [in, out...].
 """
@@ -142,10 +145,61 @@ def _coverage(cfg, groups: list[Group], abstract: dict) -> None:
                                 + " has no Hugging Face tensor in this family's mapping")
 
 
-def from_hf(cfg: ml_collections.ConfigDict, groups: list[Group], reader) -> dict:
-  """{collection: tree of float32 arrays} read through `reader` (names(), shape(), get())."""
-  abstract = abstract_variables(cfg)
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """One moejax leaf and the groups that fill it: `groups[i]` is layer slice i of a stacked
+  leaf (leading scan axis), `groups[0]` the whole of an unstacked one."""
+
+  collection: str
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  groups: tuple[Group, ...]
+  stacked: bool
+
+  @property
+  def piece_shape(self) -> tuple[int, ...]:
+    return self.shape[1:] if self.stacked else self.shape
+
+
+Leaves = dict  # {(collection, path): Leaf}, in the model's leaf order
+
+
+def _plan(cfg, groups: list[Group], abstract: dict) -> Leaves:
+  """Every leaf of `abstract` with its groups (each slice mapped exactly once)."""
   _coverage(cfg, groups, abstract)
+  slots: dict[tuple, dict] = {}
+  for g in groups:
+    path, idx = _location(cfg, g)
+    if g.collection not in abstract or not layout.has(abstract[g.collection], path):
+      raise ConversionError(f"internal: {g.hf[0]} maps to {g.collection}/{'/'.join(path)}, "
+                            "which this model does not have")
+    slots.setdefault((g.collection, path), {})[idx] = g
+  out: Leaves = {}
+  for coll, tree in abstract.items():
+    for path, leaf in _leaves(tree):
+      shape = tuple(leaf.shape)
+      stacked = path[0] in (layout.DENSE_STACK, layout.MOE_STACK)
+      mine = slots[(coll, path)]
+      out[(coll, path)] = Leaf(coll, path, shape,
+                               tuple(mine[i] for i in range(shape[0])) if stacked
+                               else (mine[None],), stacked)
+  return out
+
+
+def _leaf_of(cfg, leaves: Leaves, g: Group) -> Leaf:
+  return leaves[(g.collection, _location(cfg, g)[0])]
+
+
+def _hf_shapes(g: Group, piece_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+  """Shapes of the HF tensors of `g` for a moejax slice of `piece_shape`."""
+  return [tuple(s.shape) for s in
+          jax.eval_shape(g.to_hf, jax.ShapeDtypeStruct(piece_shape, jnp.float32))]
+
+
+def read_plan(cfg: ml_collections.ConfigDict, groups: list[Group], reader) -> Leaves:
+  """The leaves `from_hf` fills from `reader` (names(), shape()), after checking that it holds
+  exactly the tensors the groups name, each of the shape its leaf implies (reads no data)."""
+  leaves = _plan(cfg, groups, abstract_variables(cfg))
   have = set(reader.names())
   wanted = {n for g in groups for n in g.hf}
   missing = sorted(wanted - have)
@@ -156,41 +210,70 @@ def from_hf(cfg: ml_collections.ConfigDict, groups: list[Group], reader) -> dict
   if extra:
     raise ConversionError(f"unexpected tensors ({len(extra)}) the config.json does not explain: "
                           f"{extra[:8]}{' ...' if len(extra) > 8 else ''}")
-  out: dict[str, dict] = {}
-  buffers: dict[tuple, np.ndarray] = {}
   for g in groups:
-    path, idx = _location(cfg, g)
-    leaf = layout.get(abstract[g.collection], path, g.collection)
-    shape = leaf.shape if idx is None else leaf.shape[1:]
-    want = [tuple(s.shape) for s in jax.eval_shape(g.to_hf, jax.ShapeDtypeStruct(shape,
-                                                                                  jnp.float32))]
-    for name, w in zip(g.hf, want):
+    leaf = _leaf_of(cfg, leaves, g)
+    for name, w in zip(g.hf, _hf_shapes(g, leaf.piece_shape)):
       got = reader.shape(name)
       if got != w:
         raise ConversionError(f"tensor {name!r} has shape {list(got)}; the config.json implies "
-                              f"{list(w)} (for moejax {g.collection}/{'/'.join(path)})")
-    value = np.asarray(g.to_moejax([reader.get(n) for n in g.hf]), np.float32)
-    assert value.shape == shape, (g, value.shape, shape)
-    key = (g.collection, path)
-    if idx is None:
-      buffers[key] = value
+                              f"{list(w)} (for moejax {g.collection}/{'/'.join(leaf.path)})")
+  return leaves
+
+
+def read_piece(leaf: Leaf, i: int, reader) -> np.ndarray:
+  """Layer slice i of a stacked `leaf` (the whole leaf when unstacked), float32, read now."""
+  g = leaf.groups[i]
+  value = np.asarray(g.to_moejax([reader.get(n) for n in g.hf]), np.float32)
+  assert value.shape == leaf.piece_shape, (g, value.shape, leaf.piece_shape)
+  return value
+
+
+def from_hf(cfg: ml_collections.ConfigDict, groups: list[Group], reader) -> dict:
+  """{collection: tree of float32 arrays} read through `reader` (names(), shape(), get()),
+  all in memory (`moejax.interop.streaming` writes a run leaf by leaf instead)."""
+  out: dict[str, dict] = {}
+  for (coll, path), leaf in read_plan(cfg, groups, reader).items():
+    if leaf.stacked:
+      value = np.zeros(leaf.shape, np.float32)
+      for i in range(leaf.shape[0]):
+        value[i] = read_piece(leaf, i, reader)
     else:
-      buf = buffers.setdefault(key, np.zeros(leaf.shape, np.float32))
-      buf[idx] = value
-  for (coll, path), value in buffers.items():
+      value = read_piece(leaf, 0, reader)
     _set(out.setdefault(coll, {}), path, value)
   return out
 
 
+EXPORTED = ("params", "moe_state")  # the collections a Hugging Face checkpoint holds
+
+
+def export_plan(cfg: ml_collections.ConfigDict, groups: list[Group], shapes: dict
+                ) -> tuple[Leaves, list[tuple[str, tuple[int, ...]]]]:
+  """(the leaves `to_hf` reads, (HF name, shape) of every tensor it writes in `groups` order)
+  for variables of `shapes` ({collection: tree of objects with .shape}; only params and
+  moe_state are read)."""
+  abstract = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), jnp.float32), v)
+              for k, v in shapes.items() if k in EXPORTED}
+  leaves = _plan(cfg, groups, abstract)
+  tensors = []
+  for g in groups:
+    tensors += list(zip(g.hf, _hf_shapes(g, _leaf_of(cfg, leaves, g).piece_shape)))
+  return leaves, tensors
+
+
+def export_piece(leaf: Leaf, i: int, value: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, float32 C-contiguous array) of layer slice i (or the whole unstacked leaf)."""
+  g = leaf.groups[i]
+  for name, x in zip(g.hf, g.to_hf(np.asarray(value, np.float32))):
+    yield name, np.ascontiguousarray(np.asarray(x, np.float32))
+
+
 def to_hf(cfg: ml_collections.ConfigDict, groups: list[Group], variables: dict
           ) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, float32 array) pairs of `variables`, in `groups` order."""
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32),
-                          {k: v for k, v in variables.items() if k in ("params", "moe_state")})
-  _coverage(cfg, groups, abstract)
+  """(HF name, float32 array) pairs of in-memory `variables`, in `groups` order."""
+  leaves, _ = export_plan(cfg, groups, variables)
   for g in groups:
     path, idx = _location(cfg, g)
-    leaf = np.asarray(layout.get(variables[g.collection], path, g.collection), np.float32)
-    value = leaf if idx is None else leaf[idx]
-    for name, x in zip(g.hf, g.to_hf(value)):
-      yield name, np.ascontiguousarray(np.asarray(x, np.float32))
+    leaf = leaves[(g.collection, path)]
+    value = np.asarray(layout.get(variables[g.collection], path, g.collection), np.float32)
+    yield from export_piece(leaf, 0 if idx is None else idx,
+                            value if idx is None else value[idx])
