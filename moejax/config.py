@@ -69,7 +69,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe = ml_collections.ConfigDict()
   c.moe.enabled = True
   c.moe.num_experts = 8
+  # > num_experts: the router scores this many experts, mapped onto num_experts by each
+  # MoE layer's "expert_map" (merged experts, moejax/compress/merge.py); 0 = num_experts.
+  c.moe.num_router_experts = 0
   c.moe.top_k = 2
+  # Dynamic expert skipping (moejax/moe/skipping.py): a token's choices below this combine
+  # weight are not computed, except its heaviest; 0 = off. Reported as skipped_fraction.
+  c.moe.skip_threshold = 0.0
   c.moe.router = "topk"
   c.moe.expert = "swiglu"  # expert family (moejax/moe/experts/<name>.py)
   c.moe.dispatch = "dropless"
@@ -83,6 +89,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.z_loss_weight = 1e-3
   c.moe.first_dense_layers = 0
   c.moe.every = 1
+  # Quantized routed experts (moejax/moe/experts/quantized.py; tools/compress.py --method
+  # quantize): packed codes in the non-trained "quant" collection. Per MoE layer,
+  # experts8 / experts4 / experts2 experts at 8 / 4 / 2 bits (summing to num_experts).
+  c.moe.quant = ml_collections.ConfigDict()
+  c.moe.quant.scheme = "none"  # "sym", "asym" (group-wise integers), "fp8" (e4m3, 8 bits)
+  c.moe.quant.group_size = 32  # weights per float16 scale along each leaf's input dim
+  c.moe.quant.experts8 = 0
+  c.moe.quant.experts4 = 0
+  c.moe.quant.experts2 = 0
   # Balancing losses, comma-separated: switch (per micro-batch), global_batch
   # (expert counts over the whole global batch), sequence (per sequence).
   c.moe.balance = "switch"
@@ -166,6 +181,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.max_bad_steps = 10  # consecutive non-finite steps before the run stops
+  # Knowledge distillation (moejax/train/distill.py): "" = plain LM training. With a
+  # teacher run, loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * LM CE.
+  c.train.distill = ml_collections.ConfigDict()
+  c.train.distill.teacher = ""  # teacher run directory (same vocabulary; any MoE config)
+  c.train.distill.step = -1  # teacher checkpoint step (-1 = newest when the run starts)
+  c.train.distill.temperature = 1.0  # T > 0: both distributions are softmax(logits / T)
+  c.train.distill.alpha = 1.0  # in [0, 1]: 1 = pure distillation, 0 = pure LM loss
 
   # Device mesh (moejax/parallel/mesh.py): axis sizes, -1 = all remaining devices.
   # The batch is split over all three; expert weights over `expert`; other

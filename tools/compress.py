@@ -5,6 +5,8 @@
         --out OUT_DIR
 
     --method prune --criterion {frequency,gate_weight,output_error,random} --remove FRACTION
+    --method distill --teacher TEACHER_RUN --steps N [--temperature T] [--alpha A] [--lr LR]
+        [--warmup-steps W]   (trains OUT_DIR; moejax/compress/distill.py)
 
 `--help` lists every method (moejax.compress.METHODS) with its options; an
 option of another method is refused by name. Methods that need calibration
@@ -31,7 +33,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 REPORT = "compress.json"
-COMMON = ("run", "method", "out", "seed", "calib", "calib_batches", "calib_tokens", "step")
 
 
 def _previous_steps(run_dir: str) -> list[dict]:
@@ -106,10 +107,17 @@ def compress(args) -> dict:
   for stem, array in result.arrays.items():
     import numpy as np  # noqa: PLC0415
     np.save(os.path.join(args.out, f"{stem}.npy"), array)
-  with open(os.path.join(args.out, REPORT), "w") as f:
-    json.dump({"steps": previous + [step]}, f, indent=1)
-    f.write("\n")
+  _write_report(args.out, previous + [step])
+  if method.after_write is not None:  # e.g. distillation: trains in OUT_DIR
+    step.update(method.after_write(args.out, args))
+    _write_report(args.out, previous + [step])
   return step
+
+
+def _write_report(out: str, steps: list[dict]) -> None:
+  with open(os.path.join(out, REPORT), "w") as f:
+    json.dump({"steps": steps}, f, indent=1)
+    f.write("\n")
 
 
 def summary_lines(step: dict, out: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Score a run's checkpoint on a JSONL file: mean NLL, tokens and bits per byte.
 
-    python tools/evaluate.py --run RUN_DIR --data FILE.jsonl [--step N] [--json OUT]
+    python tools/evaluate.py --run RUN_DIR --data FILE.jsonl [--step N] [--json OUT] \
+        [--skip-threshold TAU]
 
 Each line of FILE is {"text": "..."} (tokenized with the run's data.tokenizer,
 its BOS/EOS rules applied) or {"tokens": [ids]} (used exactly as given: the NLL
@@ -8,7 +9,11 @@ is that of ids[1:] given their prefixes, what transformers computes with
 labels=ids). Prints and, with --json, writes {"mean_nll": nats per predicted
 token, "tokens": predicted tokens, "bits_per_byte": text files only}. A
 checkpoint converted with tools/convert.py scores what it scores in
-transformers (tests/eval).
+transformers (tests/eval). --skip-threshold TAU scores with dynamic expert
+skipping (moe.skip_threshold, moejax/moe/skipping.py: a token's choices with
+combine weight below TAU are not computed, except its heaviest) and adds
+"skip_threshold", "expert_calls" and "skipped_fraction" (measured over the
+real tokens of every MoE layer, against moe.top_k calls per token).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: newest)")
   p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
   p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")
+  p.add_argument("--skip-threshold", type=float, default=None, metavar="TAU",
+                 help="dynamic expert skipping: skip choices below this weight, in [0, 1)")
   args = p.parse_args(argv)
 
   from moejax.eval import read_jsonl, score  # noqa: PLC0415
@@ -38,14 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(os.path.join(args.run, "config.json")):
       raise ValueError(f"--run {args.run!r} is not a run directory (no config.json)")
     cfg = run_config(args.run)
+    if args.skip_threshold is not None:
+      from moejax.checks import ConfigError  # noqa: PLC0415
+      from moejax.validation import validate  # noqa: PLC0415
+
+      cfg.moe.skip_threshold = args.skip_threshold
+      try:
+        validate(cfg)
+      except ConfigError as e:
+        raise ValueError(f"--skip-threshold {args.skip_threshold}: {e}") from None
     tok = tok_lib.get(cfg.data.get("tokenizer", tok_lib.BYTES))
     records = read_jsonl(args.data, tok, cfg.model.vocab_size)
     params, collections, step = load_run(args.run, args.step)
-    result = score(cfg, {"params": params, **collections}, records, args.batch_size)
+    variables = {"params": params, **collections}
+    result = score(cfg, variables, records, args.batch_size)
+    skipping = {}
+    if args.skip_threshold is not None:
+      from moejax.moe.skipping import skipped_calls  # noqa: PLC0415
+
+      skipping = {"skip_threshold": args.skip_threshold,
+                  **skipped_calls(cfg, variables, [r.ids for r in records], args.batch_size)}
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  out = {**result.summary(), "records": len(records), "step": int(step)}
+  out = {**result.summary(), "records": len(records), "step": int(step), **skipping}
   print(json.dumps(out))
   if args.json:
     with open(args.json, "w") as f:

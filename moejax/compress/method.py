@@ -57,6 +57,10 @@ class Method:
       unless `calibrates(args)`; `previous` are the compress.json entries of
       the compressions the source run already had.
   calibrates(args): whether `apply` needs a Calibration with these options.
+  after_write(out, args): optional; run once OUT_DIR is a complete run
+      directory (config.json, checkpoint, compress.json), for methods that go on
+      working in it (distillation trains there); the dict it returns is merged
+      into the method's compress.json entry, which is then rewritten.
   """
 
   name: str
@@ -66,6 +70,7 @@ class Method:
   apply: Callable[..., Result]
   calibrates: Callable[[Any], bool] = lambda args: True
   describe: Callable[[dict], list[str]] = lambda entry: []
+  after_write: Callable[[str, Any], dict] | None = None
 
   def flags(self) -> set[str]:
     return {o.flag for o in self.options}

@@ -30,6 +30,8 @@ group_limited. Routers whose experts form contiguous groups (group_limited,
 sigmoid_bias with num_groups > 1) lose the same number of experts in every
 group, so the groups stay contiguous and equal; output_error is refused for
 them, since its one-at-a-time steps would pass through unequal groups.
+Merged runs (moe.num_router_experts > moe.num_experts, moejax/compress/merge.py)
+are refused: prune before merging.
 """
 
 from __future__ import annotations
@@ -97,6 +99,14 @@ def check_prunable(cfg: ml_collections.ConfigDict) -> None:
   if a is not None and a.get("enabled", False):
     raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the experts of its "
                      f"base run (moe.adapters.base={a.base!r}); prune the base run instead")
+  if moe_layer.has_expert_map(moe):
+    raise ValueError(
+        f"moe.num_router_experts={moe.num_router_experts} with moe.num_experts="
+        f"{moe.num_experts}: the run's experts are merged (its router scores "
+        f"{moe.num_router_experts} experts, mapped onto {moe.num_experts}); removing a merged "
+        "expert would remove as many router experts as were merged into it, a different "
+        "number in each layer, which the layers of one scanned stack cannot hold; prune "
+        "before merging, or merge to fewer experts")
   if moe.router in MEANINGLESS:
     raise ValueError(f"moe.router={moe.router!r}: pruning has no meaning: "
                      f"{MEANINGLESS[moe.router]}")

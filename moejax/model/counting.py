@@ -29,7 +29,7 @@ import ml_collections
 
 from moejax.layout import layer_plan
 from moejax.moe.experts import get_family
-from moejax.moe.layer import shared_width
+from moejax.moe.layer import router_moe, shared_width
 from moejax.moe.routers import get_router
 
 
@@ -118,7 +118,7 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     width = shared_width(moe)
     shared = (family.param_count(d, width) + (d if moe.get("shared_gate", False) else 0)
               if width else 0)
-    base = attn + norms + router.param_count(moe, d) + shared
+    base = attn + norms + router.param_count(router_moe(moe), d) + shared  # R experts
     total += n_periods * (base + moe.num_experts * expert)
     active += n_periods * (base - attn + attn_active + experts_per_token(cfg) * expert)
     total += router.shared_param_count(moe, d)

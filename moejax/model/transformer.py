@@ -33,6 +33,7 @@ from moejax.moe import adapters as adapters_lib
 from moejax.moe import layer as moe_layer
 from moejax.moe.adapters import MASK_COLLECTION as ADAPTER_MASK
 from moejax.moe.adapters import make_adapter
+from moejax.moe.experts.quantized import COLLECTION as QUANT
 from moejax.moe.routers import get_router
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -191,7 +192,8 @@ class Period(nn.Module):
 def _scanned(cfg, length: int, n: int, first_moe: bool, deterministic: bool,
              name: str) -> nn.Module:
   stack = nn.scan(Period, variable_axes={"params": 0, "moe_state": 0, "balance": 0,
-                                          "intermediates": 0, ADAPTER_MASK: 0, "cache": 0},
+                                          moe_layer.EXPERT_MAP: 0, "intermediates": 0,
+                                          ADAPTER_MASK: 0, "cache": 0, QUANT: 0},
                   split_rngs={"params": True, "router": True},
                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length,
                   metadata_params={nn.PARTITION_NAME: "layers"})

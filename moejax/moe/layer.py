@@ -10,6 +10,16 @@ and the family's own options under `moe.<name>`. A router returning a
 `SoftAssignment` (soft) is applied by the soft dispatcher whatever
 `moe.dispatch` is, and reports load 1/E per expert and E experts per token.
 
+With `moe.num_router_experts` R > moe.num_experts (merged experts,
+moejax/compress/merge.py) the router scores R experts as before (its
+params, state, balancing losses and probabilities are over R) and each MoE
+layer maps the router's chosen ids through its int32 "map" [R] in the
+non-trained `EXPERT_MAP` collection onto the moe.num_experts experts before
+dispatch, so a token that picks two router experts of one merged expert sends
+it two rows, (w1 + w2) f(x). The sown routing, the load metrics and the
+calibration counts are over the experts (after the map). A fresh model's map
+is contiguous near-equal groups (`default_map`).
+
 What the layer reports is declared: `aux_losses(cfg)` (the balancing losses
 of `moe.balance`, the z-loss and the router's own) and `metric_schema(cfg)`
 (`LAYER_METRICS` plus the router's), so nothing downstream keeps a list.
@@ -17,6 +27,7 @@ of `moe.balance`, the z-loss and the router's own) and `metric_schema(cfg)`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,10 +43,73 @@ from moejax.moe import metrics as moe_metrics
 from moejax.moe import experts as expert_families
 from moejax.moe.dispatch import DISPATCHERS, expert_parallel, get_dispatcher
 from moejax.moe.dispatch.soft import soft_dispatch
-from moejax.moe.experts import Experts, SharedExperts, get_family
+from moejax.moe.experts import SharedExperts, get_family
+from moejax.moe.experts import quantized as quantized_experts
 from moejax.moe.metrics import LAYER_METRICS, Metric
 from moejax.moe.routers import ROUTERS, get_router
+from moejax.moe.skipping import skip_low_weight
 from moejax.moe.types import SoftAssignment
+
+
+SKIPPED = Metric("skipped_fraction", summary=True)  # with moe.skip_threshold > 0
+EXPERT_MAP = "expert_map"  # collection: each MoE layer's router-expert -> expert "map" [R]
+MAPPABLE_ROUTERS = ("topk", "sigmoid_bias", "group_limited")  # sparse choices over R ids
+
+
+def router_experts(cfg_moe) -> int:
+  """R, the experts the router scores: moe.num_router_experts, or moe.num_experts when 0."""
+  return int(cfg_moe.get("num_router_experts", 0) or cfg_moe.num_experts)
+
+
+def has_expert_map(cfg_moe) -> bool:
+  """Whether the router's choices go through the layer's expert map (R != moe.num_experts)."""
+  return router_experts(cfg_moe) != cfg_moe.num_experts
+
+
+def default_map(num_router_experts: int, num_experts: int) -> jax.Array:
+  """[R] int32 contiguous near-equal groups of router experts: a fresh model's map."""
+  return jnp.arange(num_router_experts, dtype=jnp.int32) * num_experts // num_router_experts
+
+
+@functools.lru_cache(maxsize=64)
+def _router_moe(frozen: ml_collections.FrozenConfigDict) -> ml_collections.FrozenConfigDict:
+  moe = ml_collections.ConfigDict(frozen.to_dict())
+  moe.num_experts = router_experts(frozen)
+  return ml_collections.FrozenConfigDict(moe)
+
+
+def router_moe(cfg_moe) -> ml_collections.FrozenConfigDict:
+  """The `moe` config as the router sees it: moe.num_experts = R (its count of choices)."""
+  frozen = ml_collections.FrozenConfigDict(cfg_moe)
+  return _router_moe(frozen) if has_expert_map(frozen) else frozen
+
+
+def _check_expert_map(cfg: ml_collections.ConfigDict) -> None:
+  moe = cfg.moe
+  r, e = moe.get("num_router_experts", 0), moe.num_experts
+  if not r:
+    return
+  if r <= e:
+    fail("moe.num_router_experts", r, f"allowed: 0 (the router scores the moe.num_experts={e} "
+         f"experts) or more than moe.num_experts={e} (router experts mapped onto the experts "
+         f"by the {EXPERT_MAP!r} collection)")
+  if moe.router not in MAPPABLE_ROUTERS:
+    fail("moe.num_router_experts", r, f"needs moe.router in {list(MAPPABLE_ROUTERS)} (a "
+         f"token's choice of router expert ids that a map can redirect); moe.router="
+         f"{moe.router!r}")
+  if moe.router == "topk" and (moe.topk.get("copies", 1) > 1 or moe.topk.get("grown_groups", 0)):
+    fail("moe.num_router_experts", r, "needs moe.topk.copies=1 and moe.topk.grown_groups=0 "
+         "(grown groups of copies are a map of their own)")
+
+
+def _check_skipping(cfg: ml_collections.ConfigDict) -> None:
+  tau = cfg.moe.get("skip_threshold", 0.0)
+  if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau < 1.0:
+    fail("moe.skip_threshold", tau, "allowed: a number in [0, 1) (0: no skipping)")
+  if tau > 0 and (get_router(cfg.moe.router).adaptive or cfg.moe.router in ("soft",
+                                                                            "expert_choice")):
+    fail("moe.skip_threshold", tau, f"needs a token-choice top-k router; moe.router="
+         f"{cfg.moe.router!r} does not give each token a fixed set of weighted choices")
 
 
 def aux_losses(cfg: ml_collections.ConfigDict) -> tuple[AuxLoss, ...]:
@@ -53,6 +127,8 @@ def metric_schema(cfg: ml_collections.ConfigDict) -> tuple[Metric, ...]:
   if not cfg.moe.enabled:
     return ()
   out = (*LAYER_METRICS, *get_router(cfg.moe.router).metrics(cfg.moe))
+  if cfg.moe.get("skip_threshold", 0.0) > 0:
+    out = (*out, SKIPPED)
   names = [m.name for m in out]
   if len(set(names)) != len(names):
     raise ValueError(f"moe.router={cfg.moe.router!r} declares metrics {names} with a "
@@ -81,12 +157,23 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   for key in ("moe.num_experts", "moe.top_k", "moe.capacity_factor",
               "moe.expert_hidden", "moe.every"):
     positive(cfg, key)
-  if moe.top_k > moe.num_experts:
-    fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}")
+  if "num_router_experts" in moe:
+    positive_int(cfg, "moe.num_router_experts", allow_zero=True)
+  _check_expert_map(cfg)
+  _check_skipping(cfg)
+  r = router_experts(moe)
+  if moe.top_k > r:
+    fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}" if r ==
+         moe.num_experts else f"must be <= moe.num_router_experts={r}")
   reraise(moe_losses.balance_kinds, moe)
   expert_families.check_config(cfg)
+  quantized_experts.check_config(cfg)
+  routed = cfg
+  if r != moe.num_experts:  # the routers check their options against the R they score
+    routed = ml_collections.ConfigDict(cfg.to_dict())
+    routed.moe.num_experts = r
   for name, router in ROUTERS.items():  # every router's options; cross-key rules if chosen
-    router.check_config(cfg, name == moe.router)
+    router.check_config(routed, name == moe.router)
   if moe.first_dense_layers > m.num_layers:
     fail("moe.first_dense_layers", moe.first_dense_layers,
          f"must be <= model.num_layers={m.num_layers}")
@@ -157,26 +244,34 @@ class MoELayer(nn.Module):
     x_TxD = x_BxLxD.reshape(b * l, d)
     ids_T = None if token_ids_BxL is None else token_ids_BxL.reshape(b * l)
     router_cls = get_router(cfg.router)
-    route = router_cls(cfg, name="router")(
+    route = router_cls(router_moe(cfg), name="router")(
         x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic,
         carry=router_carry, shared=shared)
+    assignment = route.assignment
+    if has_expert_map(cfg):  # router experts -> (merged) experts
+      map_R = self.variable(EXPERT_MAP, "map", default_map, router_experts(cfg),
+                            cfg.num_experts).value
+      assignment = assignment.replace(expert=map_R[assignment.expert])
+    skipped = None
+    if cfg.get("skip_threshold", 0.0) > 0:  # dynamic expert skipping (moejax/moe/skipping.py)
+      assignment, skipped = skip_low_weight(assignment, b * l, cfg.skip_threshold)
     # Routing capture for moejax.analysis: a no-op unless "intermediates" is mutable.
-    sown = {"assignment": route.assignment}
+    sown = {"assignment": assignment}
     if route.probs_TxE is not None:
       sown["probs_TxE"] = route.probs_TxE
     self.sow("intermediates", "routing", sown)
     self.sow("intermediates", "moe_input", x_TxD)  # the layer's input (moejax/compress)
     family = get_family(cfg)
     dtype = DTYPES[self.dtype]
-    experts = Experts(family, cfg.num_experts, cfg.expert_hidden, dtype, self.out_scale,
-                      name="experts")(d)
-    soft = isinstance(route.assignment, SoftAssignment)
+    experts = quantized_experts.experts_module(cfg)(  # moe.quant: packed experts
+        family, cfg.num_experts, cfg.expert_hidden, dtype, self.out_scale, name="experts")(d)
+    soft = isinstance(assignment, SoftAssignment)
     # A SoftAssignment (Soft MoE) always goes to the soft dispatcher: the
     # sparse dispatchers named by moe.dispatch take an `Assignment`.
     dispatch = soft_dispatch if soft else get_dispatcher(cfg.dispatch)
     if not soft and router_cls.choice_major_slots:  # multi-device mesh: shard_map EP
       dispatch = expert_parallel.select(cfg, b * l) or dispatch
-    y_TxD, stats = dispatch(x_TxD, route.assignment, experts, cfg=cfg)
+    y_TxD, stats = dispatch(x_TxD, assignment, experts, cfg=cfg)
     if cfg.num_shared_experts > 0:
       y_shared = SharedExperts(family, shared_width(cfg), dtype, self.out_scale,
                                name="shared")(x_TxD)
@@ -188,8 +283,8 @@ class MoELayer(nn.Module):
       counts_E = jnp.ones((cfg.num_experts,), jnp.float32)
       experts_per_token = jnp.asarray(cfg.num_experts, jnp.float32)
     else:
-      counts_E = route.assignment.expert_counts(cfg.num_experts)
-      experts_per_token = jnp.sum(route.assignment.valid) / (b * l)
+      counts_E = assignment.expert_counts(cfg.num_experts)
+      experts_per_token = jnp.sum(assignment.valid) / (b * l)
     zero = jnp.zeros((), jnp.float32)
     kinds = moe_losses.balance_kinds(cfg)
     losses = {moe_losses.BALANCE_KINDS[k]: zero for k in kinds}
@@ -198,7 +293,11 @@ class MoELayer(nn.Module):
                "router_entropy": zero, "top1_prob": zero,
                "experts_per_token": experts_per_token,
                "dropped_fraction": stats["dropped_fraction"]}
-    balance_E = counts_E
+    if skipped is not None:
+      metrics["skipped_fraction"] = skipped
+    balance_E = counts_E  # the balancing losses pair counts with the router's probabilities
+    if assignment is not route.assignment:
+      balance_E = route.assignment.expert_counts(router_experts(cfg))
     if route.probs_TxE is not None:
       if route.balance_counts_E is not None:
         balance_E = route.balance_counts_E
@@ -225,4 +324,5 @@ def _check_declared(router: str, what: str, got: dict, declared: list[str]) -> N
                      f"{sorted(declared)} (moejax/moe/routers/base.py: the router contract)")
 
 
-__all__ = ["MoELayer", "aux_losses", "check_config", "metric_schema", "ConfigError"]
+__all__ = ["EXPERT_MAP", "MoELayer", "aux_losses", "check_config", "default_map",
+           "has_expert_map", "metric_schema", "router_experts", "router_moe", "ConfigError"]

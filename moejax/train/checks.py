@@ -1,10 +1,12 @@
-"""train.* keys: the loop's (steps, logging, eval, checkpoints) and the optimizer's."""
+"""train.* keys: the loop's (steps, logging, eval, checkpoints), the optimizer's and
+train.distill.* (moejax/train/distill.py; it reads the teacher run's config.json)."""
 
 from __future__ import annotations
 
 import ml_collections
 
 from moejax.checks import fail, is_int, positive
+from moejax.train import distill
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -25,3 +27,4 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
          f"must divide train.batch_size={t.batch_size}")
   if t.warmup_steps > t.steps:
     fail("train.warmup_steps", t.warmup_steps, f"must be <= train.steps={t.steps}")
+  distill.check_config(cfg)

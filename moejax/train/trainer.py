@@ -3,7 +3,8 @@
 `prepare(cfg)` validates the config and builds the data (fails fast with a
 ConfigError / ValueError before anything compiles); `train(cfg, workdir)`
 runs or resumes the run in `workdir` (its format: docs/architecture.md) and
-returns the summary.
+returns the summary. With train.distill.teacher set, the step trains against
+that teacher run's logits (moejax/train/distill.py); eval stays the LM loss.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from moejax.moe.state import update_router_state
 from moejax.parallel import mesh as mesh_lib
 from moejax.parallel.runtime import Placement
 from moejax.train import data as data_lib
+from moejax.train import distill as distill_lib
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import lr_schedule, make_optimizer
 from moejax.train.lock import workdir_lock
@@ -78,24 +80,43 @@ def reduce_metrics(metrics: dict, cfg: ml_collections.ConfigDict, axis: int = 0)
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                    state_shardings: Any = None):
+                    state_shardings: Any = None,
+                    teacher: distill_lib.Teacher | None = None):
+  """The jitted `step(state, batch) -> (state, outputs)`.
+
+  With train.distill.teacher set, `teacher` (distill_lib.load_teacher) is
+  required: its variables go into every call as a non-donated argument, its
+  logits are computed per (micro-)batch, and the step also reports
+  "train/kd_loss" (T^2 * KL, the term alpha weights).
+  """
   model = lm.make_model(cfg, deterministic=False)
   schedule = lr_schedule(cfg.train)
   frozen_base = adapters.adapters_cfg(cfg) is not None
+  distill = distill_lib.settings(cfg)
+  if (distill is None) != (teacher is None):
+    raise ValueError(f"make_train_step: train.distill.teacher={cfg.train.distill.teacher!r} "
+                     f"and a teacher {'given' if teacher is not None else 'missing'}; pass "
+                     "distill_lib.load_teacher(cfg) exactly when the config names a teacher")
+  teacher_logits = None if teacher is None else distill_lib.logits_fn(teacher.cfg)
 
-  def loss_fn(params, collections, batch, rng):
+  def loss_fn(params, collections, batch, rng, teacher_vars=None):
     if frozen_base:  # moe.adapters: no gradient reaches the base model
       params = adapters.freeze_base(params)
     logits, aux = model.apply({"params": params, **collections}, batch["inputs"],
                               rngs={"router": rng})
     ce = cross_entropy(logits, batch["targets"], batch.get("weights"))
-    return total_loss(ce, aux, cfg), (ce, aux)
+    if distill is None:
+      return total_loss(ce, aux, cfg), (ce, aux)
+    kd = distill_lib.kd_loss(logits, teacher_logits(teacher_vars, batch["inputs"]),
+                             distill.temperature, batch.get("weights"))
+    lm_loss = distill_lib.combined_loss(ce, kd, distill.alpha)
+    return total_loss(lm_loss, aux, cfg), (ce, {**aux, "kd_loss": kd})
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   n = cfg.train.grad_accum_steps
   global_counts = "global_batch" in balance_kinds(cfg.moe) and cfg.moe.enabled
 
-  def accumulated(params, collections, batch, rng):
+  def accumulated(params, collections, batch, rng, teacher_vars=None):
     """Gradients of the mean loss over n micro-batches, one at a time.
 
     With global-batch balancing, a first forward pass over all micro-batches
@@ -121,7 +142,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
 
     def body(acc, xs):
       mb, r = xs
-      (l, (ce, aux)), g = grad_fn(params, collections, mb, r)
+      (l, (ce, aux)), g = grad_fn(params, collections, mb, r, teacher_vars)
       return jax.tree.map(jnp.add, acc, g), (l, ce, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -130,12 +151,15 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     sum0 = lambda t: jax.tree.map(lambda v: jnp.sum(v, axis=0), t)
     aux = {"losses": mean0(auxs["losses"]), "metrics": reduce_metrics(auxs["metrics"], cfg),
            "state_stats": sum0(auxs["state_stats"])}
+    if "kd_loss" in auxs:  # distillation: equal micro-batches, so the mean is the batch's
+      aux["kd_loss"] = jnp.mean(auxs["kd_loss"])
     return (jnp.mean(ls), (jnp.mean(ces), aux)), jax.tree.map(lambda g: g / n, grads)
 
-  def step_fn(state: State, batch: dict) -> tuple[State, dict]:
+  def step_fn(state: State, batch: dict, teacher_vars=None) -> tuple[State, dict]:
     rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
     fn = grad_fn if n == 1 else accumulated
-    (loss, (ce, aux)), grads = fn(state["params"], state["collections"], batch, rng)
+    (loss, (ce, aux)), grads = fn(state["params"], state["collections"], batch, rng,
+                                  teacher_vars)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -153,6 +177,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     metrics = {"train/loss": ce, "train/total_loss": loss, "train/grad_norm": grad_norm,
                "train/lr": schedule(state["step"]),
                "train/skipped_steps": new_state["skipped_steps"]}
+    if "kd_loss" in aux:
+      metrics["train/kd_loss"] = aux["kd_loss"]
     for k, v in aux["losses"].items():  # unweighted, summed over the layers reporting it
       metrics[f"train/{k}"] = jnp.sum(v)
     specs = declared_aux_losses(cfg)
@@ -162,7 +188,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     return new_state, {"scalars": metrics, "finite": finite,
                        "moe": {**per_layer, **aux["metrics"]}}
 
-  return jax.jit(step_fn, donate_argnums=0)
+  step = jax.jit(step_fn, donate_argnums=0)
+  if teacher is None:
+    return step
+  return lambda state, batch: step(state, batch, teacher.variables)
 
 
 def make_eval_step(cfg: ml_collections.ConfigDict):
@@ -311,6 +340,11 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
   tokens_per_step = t.batch_size * t.seq_len
   tx = init_hooks.wrap_optimizer(cfg, make_optimizer(t))
   state = place.state(init_state(cfg, tx))  # on the mesh, if any
+  teacher = None
+  if distill_lib.settings(cfg) is not None:  # read once; replicated on a mesh
+    teacher = distill_lib.load_teacher(cfg)
+    teacher = dataclasses.replace(teacher, variables=jax.tree.map(place.scalar,
+                                                                  teacher.variables))
   ckpt = Checkpointer(place.workdir, t.keep_checkpoints)
   it = place.train_iterator(data, t.batch_size, cfg.seed)
   start, saved, data_state = ckpt.restore_latest(init_hooks.checkpoint_view(cfg, state))
@@ -319,7 +353,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
     it.set_state(data_state)
     print(f"resumed from {place.workdir}/checkpoints/{start}")
   writer = MetricWriter(workdir, resume_step=start)
-  train_step = make_train_step(cfg, tx, place.state_shardings)
+  train_step = make_train_step(cfg, tx, place.state_shardings, teacher)
   eval_step = make_eval_step(cfg)
   val_host = data.val_batches(t.batch_size, t.eval_batches)
   val_bytes = sum(data.text_bytes(b["targets"]) for b in val_host)
@@ -418,6 +452,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
       "tokens_per_second": int(step) * tokens_per_step / max(wall, 1e-9),
   }
   summary.update(init_hooks.summary_fields(cfg, state["params"]))
+  if teacher is not None:  # plain runs keep their summary unchanged
+    summary.update(distill_teacher=teacher.run_dir, distill_teacher_step=teacher.step)
   for metric in metric_schema(cfg):  # reduced over MoE layers at the last logged step
     if metric.summary and metric.name in last_moe:
       summary[f"moe_{metric.name}"] = float(metric.apply(np.asarray(last_moe[metric.name])))
