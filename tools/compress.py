@@ -67,6 +67,8 @@ def compress(args) -> dict:
   from moejax.analysis import Model  # noqa: PLC0415
   from moejax.compress import calibrate  # noqa: PLC0415
   from moejax.init.sources import load_run, run_config  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+
   from moejax.train import trainer  # noqa: PLC0415
 
   methods = _methods()
@@ -98,6 +100,11 @@ def compress(args) -> dict:
                       seed=args.seed)
   previous = _previous_steps(args.run)
   result = method.apply(cfg, variables, calib, args, previous)
+  if method.name != "distill" and result.cfg.train.distill.teacher:
+    # A distilled source run's teacher is not this run's: fine-tuning OUT_DIR with
+    # `python -m experiments` trains on the LM loss unless distilled again.
+    result.cfg = ml_collections.ConfigDict(result.cfg.to_dict())
+    result.cfg.train.distill.teacher = ""
   step = {"method": method.name, **result.entry, "source_run": os.path.abspath(args.run),
           "source_step": int(source_step)}
   if calib is not None:

@@ -107,6 +107,10 @@ def check_prunable(cfg: ml_collections.ConfigDict) -> None:
         "expert would remove as many router experts as were merged into it, a different "
         "number in each layer, which the layers of one scanned stack cannot hold; prune "
         "before merging, or merge to fewer experts")
+  if moe.get("quant", {}).get("scheme", "none") != "none":
+    raise ValueError(f"moe.quant.scheme={moe.quant.scheme!r}: the run's experts are "
+                     "quantized (tools/compress.py --method quantize); prune the float run "
+                     "before quantizing")
   if moe.router in MEANINGLESS:
     raise ValueError(f"moe.router={moe.router!r}: pruning has no meaning: "
                      f"{MEANINGLESS[moe.router]}")

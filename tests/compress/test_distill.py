@@ -128,6 +128,14 @@ def test_the_run_is_ordinary_and_the_teacher_is_not_in_its_checkpoint(runs):
   assert (2, 32, 4) in teacher_only and not stored & teacher_only
 
 
+def test_compressing_a_distilled_run_does_not_carry_its_teacher(runs, tmp_path):
+  out = str(tmp_path / "int8")
+  assert compress_tool.main(["--run", runs["out"], "--method", "quantize", "--bits", "8",
+                             "--calib", "train", "--calib-batches", "1", "--out", out]) == 0
+  assert run_config(out).train.distill.teacher == ""
+  assert run_config(runs["out"]).train.distill.teacher  # the source keeps its own
+
+
 def test_an_interrupted_distillation_resumes_with_experiments(runs, tmp_path, monkeypatch):
   """The tool's run stopped after step 3 (as by SIGTERM: a checkpoint there) records that it
   is unfinished; `python -m experiments --workdir` goes on from step 3 to the same steps as

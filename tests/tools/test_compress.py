@@ -253,6 +253,8 @@ def test_quantize_bad_input_exits_2(src, tmp_path, capsys):
       (q(src, "--bits", "8", "--criterion", "frequency"),
        "--criterion is an option of --method prune"),
       (_args(src, out, "--bits", "4"), "--bits is an option of --method quantize"),
+      (_args(done, out), r"moe.quant.scheme='sym': the run's experts are quantized .*prune "
+                         r"the float run before quantizing"),
   ]
   for argv, message in cases:
     capsys.readouterr()
