@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     result = score(cfg, variables, records, args.batch_size)
     skipping = {}
     if args.skip_threshold is not None:
-      from moejax.moe.skipping import skipped_calls  # noqa: PLC0415
+      from moejax.eval.expert_calls import skipped_calls  # noqa: PLC0415
 
       skipping = {"skip_threshold": args.skip_threshold,
                   **skipped_calls(cfg, variables, [r.ids for r in records], args.batch_size)}
