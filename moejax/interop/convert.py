@@ -162,12 +162,18 @@ def to_hf(run_dir: str, hf_dir: str, *, step: int = -1, model_type: str | None =
   """Writes config.json + safetensors of a run's checkpoint; returns the config.json dict.
 
   Streams: only the params (and moe_state) are read, one chunk of one leaf at a time,
-  each tensor written into its shard as soon as it is converted.
+  each tensor written into its shard as soon as it is converted. Merged and quantized
+  experts are written as the plain float experts they stand for (moejax/interop/compressed.py).
   """
   from moejax.init.sources import run_arrays, run_config  # noqa: PLC0415
   from moejax.interop import streaming  # noqa: PLC0415
 
+  from moejax.interop import compressed  # noqa: PLC0415
+
   cfg = run_config(run_dir)
+  stored_cfg = cfg
+  if compressed.is_compressed(cfg) or cfg.moe.get("skip_threshold", 0.0):
+    cfg = compressed.plain_config(cfg)  # merged / quantized experts: written as plain ones
   origin = {}
   if os.path.exists(os.path.join(run_dir, HF_CONFIG)):
     with open(os.path.join(run_dir, HF_CONFIG)) as f:
@@ -179,6 +185,8 @@ def to_hf(run_dir: str, hf_dir: str, *, step: int = -1, model_type: str | None =
   hf_dict = fam.module.config_to_hf(cfg, origin)
   hf_dict["transformers_version"] = origin.get("transformers_version", "5.25.0")
   arrays, _ = run_arrays(run_dir, step)
+  if compressed.is_compressed(stored_cfg):
+    arrays = compressed.PlainExperts(arrays, stored_cfg)
   os.makedirs(hf_dir, exist_ok=True)
   streaming.export(cfg, fam.module.tensors(cfg, hf_dict), arrays, hf_dir, max_shard_bytes)
   with open(os.path.join(hf_dir, "config.json"), "w") as f:
