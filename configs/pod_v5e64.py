@@ -20,13 +20,21 @@ worker (each host reads its own shard). The default corpus, the 4 MB KJV
 Bible, is what `:smoke` uses; for the full run it would be repeated ~2,500
 times, so the default variant is only meaningful with a real corpus.
 
-Expected throughput class -- UNMEASURED: no TPU was available where this was
-written. From the FLOPs (1.1 GFLOP per token by moejax.model.flops_per_token,
-5.8e14 per step) and the v5e-64's 12.6 PFLOP/s bf16 peak, 20-40% utilisation
-would be 2.3-4.5M tokens/s (35-70K per chip), i.e. the 20K steps in 40-80
-minutes. Layers are rematerialised: the TPU compiler put the step without
-remat at 118 GiB of temporaries per chip, over the 16 GB HBM. Check it with
+Compiled for its slice on a CPU host (tools/aot_compile.py, libtpu 0.0.42.1,
+2-core CPU VM shared with other jobs, 2026-12-07; docs/tpu.md has the table):
   python tools/aot_compile.py --config configs/pod_v5e64.py --topology v5e:8x8
+- v5e:8x8: fits, 13.69 GiB per chip of the 15.75 the compiler allows (2.06
+  GiB, 13%, headroom): 3.02 GiB state and batch, 10.59 GiB temporaries. The
+  dropless exchange is the padded all_to_all: the TPU compiler refuses
+  ragged_all_to_all on v5e slices above 16 chips, and the trainer picks the
+  padded one there. Compile 266-292 s (lowering 3 s), 3.1 GB RSS.
+- v5p:4x4x4 (`--topology v5p:4x4x4`, same mesh, ragged exchange): fits,
+  13.19 GiB of 95.74 (82.55 GiB headroom); compile 240 s.
+FLOPs per step: 5.85e14 (9.14 TFLOP per chip; moejax.model.flops_per_token,
+1.1 GFLOP per token), 46 ms per step at the v5e's bf16 peak (20 ms on a
+v5p). Throughput has not been measured on a TPU. Layers are
+rematerialised: without it neither slice fits (`--config.model.remat=False`:
+134 GiB of temporaries per chip on v5e:8x8, 118 GiB on v5p:4x4x4).
 """
 
 from moejax.config import default_config
@@ -47,7 +55,7 @@ def get_config(variant: str = "moe"):
   c.model.num_heads = 8
   c.model.ffn_hidden = 4096  # used only by dense layers (none here)
   c.model.dtype = "bfloat16"
-  c.model.remat = True  # without it the step needs 118 GiB of temporaries per chip (tools/aot_compile.py, v5e:8x8)
+  c.model.remat = True  # without it: 134 GiB of temporaries per chip on v5e:8x8 (docstring)
   c.moe.num_experts = 64
   c.moe.top_k = 2
   c.moe.expert_hidden = 1024

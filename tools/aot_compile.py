@@ -2,7 +2,8 @@
 
   python tools/aot_compile.py --config configs/pod_v5e64.py --topology v5e:8x8
   python tools/aot_compile.py --config configs/pod_v5e64.py --topology v5e:8x8,v6e:8x8 \
-      --exchange ragged,padded --config.model.remat=False --json aot.jsonl
+      --exchange auto,padded --config.model.remat=False --json aot.jsonl
+  python tools/aot_compile.py --config configs/pod_v5e64.py --topology v5p:4x4x4
   python tools/aot_compile.py --config configs/quickstart.py --gpu
 
 For every topology (`GEN:SHAPE`, moejax/aot/topology.py) and expert-parallel
@@ -12,9 +13,11 @@ HBM, the per-chip memory (peak = arguments + outputs not aliased to them +
 temporaries + code), the model's FLOPs per chip per step and the time they
 take at the chip's bf16 peak, and the lowering and compile times. `--json
 FILE` appends every result as one JSON line (all fields of
-moejax.aot.train_step.TpuCompile). `--exchange`: `ragged` is
-`ragged_all_to_all` (what the trainer uses on a TPU), `padded` the
-worst-case-sized `all_to_all` (what it uses on CPU). `--gpu` instead lowers
+moejax.aot.train_step.TpuCompile). `--exchange` (the expert-parallel
+dropless exchange): `auto` is what the trainer picks on that slice
+(`ragged` except on v5e slices above 16 chips, where the TPU compiler
+refuses it), `ragged` is `ragged_all_to_all`, `padded` the worst-case-sized
+`all_to_all` (what the trainer uses on CPU). `--gpu` instead lowers
 the one-device step for CUDA and counts its Triton kernels. Needs libtpu for
 TPU targets: pip install -e '.[tpu]'. Exit status 2 for bad arguments, 1 if
 any compilation did not fit or failed.
@@ -30,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Compile-only TPU devices need no TPU backend in this process; keep JAX on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-EXCHANGES = {"ragged": True, "padded": False}
+EXCHANGES = {"auto": None, "ragged": True, "padded": False}
 HEADER = ("| config | topology | mesh (data, fsdp, expert) | exchange | fits | peak GiB / HBM GiB "
           "| args GiB | temp GiB | model TFLOP/chip/step | ms at peak | lower s | compile s |")
 
@@ -71,7 +74,7 @@ def main() -> None:
 
   config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
   flags.DEFINE_string("topology", "v5e:2x2", "Comma-separated TPU slices GEN:SHAPE.")
-  flags.DEFINE_string("exchange", "ragged", "Comma-separated EP exchanges: ragged, padded.")
+  flags.DEFINE_string("exchange", "auto", "Comma-separated EP exchanges: auto, ragged, padded.")
   flags.DEFINE_string("json", None, "Append each result as a JSON line to this file.")
   flags.DEFINE_bool("gpu", False, "Lower the one-device step for CUDA instead.")
   flags.mark_flags_as_required(["config"])

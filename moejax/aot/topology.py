@@ -11,16 +11,18 @@ A topology is named `GEN:SHAPE`: `v5e:2x2`, `v5e:8x8` (the v5e-64 slice),
 generation: the HBM the TPU compiler lets one chip's program use (measured
 here by compiling a too-large program for one chip of each generation:
 v5e 15.75 GiB of 16, v6e 31.25 of 32, v5p 95.74 of 95), the documented bf16
-peak and the chips per host.
+peak, the chips per host and the largest slice (a full pod).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
 import os
 import re
+from collections.abc import Iterator
 
 GiB = 2**30
 
@@ -33,12 +35,13 @@ class Chip:
   peak_bf16_flops: float  # documented peak, FLOP/s
   host_bounds: tuple[int, ...]  # chips per host (x, y[, z]) in a multi-host slice
   ndim: int  # 2D (v5e, v6e) or 3D (v5p) topology
+  max_chips: int  # a full pod (documented)
 
 
 CHIPS: dict[str, Chip] = {
-    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GiB), 197e12, (2, 2), 2),
-    "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * GiB), 918e12, (2, 2), 2),
-    "v5p": Chip("v5p", "TPU v5", int(95.74 * GiB), 459e12, (2, 2, 1), 3),
+    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GiB), 197e12, (2, 2), 2, 256),
+    "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * GiB), 918e12, (2, 2), 2, 256),
+    "v5p": Chip("v5p", "TPU v5", int(95.74 * GiB), 459e12, (2, 2, 1), 3, 8960),
 }
 
 _NAME = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+)*)$")
@@ -75,7 +78,18 @@ def parse_topology(name: str) -> Topology:
   if len(dims) != chip.ndim or min(dims) < 1:
     raise ValueError(f"topology={name!r} is invalid: a {gen} slice has {chip.ndim} "
                      f"positive dimensions; allowed: {allowed}")
-  return Topology(name, chip, dims)
+  topo = Topology(name, chip, dims)
+  if topo.num_chips > chip.max_chips:
+    raise ValueError(f"topology={name!r} has {topo.num_chips} chips; allowed: at most "
+                     f"{chip.max_chips} (a full {gen} pod)")
+  bounds = topo.chips_per_host_bounds[:chip.ndim]
+  if any(d % b for d, b in zip(dims, bounds)):
+    host = "x".join(map(str, chip.host_bounds))
+    near = "x".join(str(d - d % b) for d, b in zip(dims, bounds))
+    raise ValueError(f"topology={name!r} is invalid: a {gen} slice larger than one host is "
+                     f"made of whole {host}-chip hosts; allowed: each dimension at most "
+                     f"its host's or a multiple of it (e.g. {gen}:{near})")
+  return topo
 
 
 def libtpu_available() -> bool:
@@ -103,5 +117,24 @@ def tpu_devices(topology: str | Topology) -> list:
   return devices
 
 
+@contextlib.contextmanager
+def uncached_compiles() -> Iterator[None]:
+  """Keeps compiles from JAX's persistent compilation cache while it lasts.
+
+  An executable compiled for compile-only TPU devices cannot be read back
+  from the cache (there is no TPU client to load it into: a warning per
+  program), so writing it would only fill the cache (0.1-2 MB per tiny test
+  program).
+  """
+  import jax  # noqa: PLC0415
+  key = "jax_persistent_cache_min_compile_time_secs"
+  saved = getattr(jax.config, key)
+  jax.config.update(key, float("inf"))
+  try:
+    yield
+  finally:
+    jax.config.update(key, saved)
+
+
 __all__ = ["CHIPS", "Chip", "GiB", "Topology", "libtpu_available", "parse_topology",
-           "tpu_devices"]
+           "tpu_devices", "uncached_compiles"]

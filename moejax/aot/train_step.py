@@ -15,9 +15,11 @@ Pallas Triton kernels in it.
 
 Two choices the trainer makes from the devices of the running process are
 made here for the target instead: `moe.gmm_backend="auto"` becomes
-`mosaic_tpu` / `triton`, and the expert-parallel `dropless` exchange uses
-`ragged_all_to_all` (what the trainer picks on a TPU) unless `ragged=False`
-asks for the padded `all_to_all` it uses on CPU.
+`mosaic_tpu` / `triton`, and the expert-parallel `dropless` exchange is the
+one the trainer picks on the slice (`expert_parallel.default_ragged`:
+`ragged_all_to_all`, except on v5e slices above 16 chips, where the TPU
+compiler refuses it and the padded `all_to_all` is used); `ragged=True` /
+`False` forces one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import ml_collections
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from moejax import model as lm
-from moejax.aot.topology import Topology, parse_topology, tpu_devices
+from moejax.aot.topology import Topology, parse_topology, tpu_devices, uncached_compiles
 from moejax.parallel import mesh as mesh_lib
 from moejax.parallel.runtime import Layout
 from moejax.train import trainer
@@ -56,7 +58,7 @@ class TpuCompile:
   num_chips: int
   mesh: dict[str, int]
   gmm_backend: str
-  ragged: bool
+  ragged: bool  # the dropless exchange: ragged_all_to_all, or the padded all_to_all
   status: str  # "fits", "out_of_memory" or "error"
   error: str = ""  # the compiler's message (first line) when status != "fits"
   hbm_bytes: int = 0  # usable HBM of one chip
@@ -104,8 +106,8 @@ def target_config(cfg: ml_collections.ConfigDict, platform: str) -> ml_collectio
 
 
 @contextlib.contextmanager
-def _ragged_exchange(ragged: bool):
-  """Makes the expert-parallel dispatch choose `ragged` as it would on the target.
+def ragged_exchange(ragged: bool):
+  """Makes the expert-parallel dispatch use (`ragged=True`) or not use `ragged_all_to_all`.
 
   The dispatch asks `expert_parallel.default_ragged()`, which looks at the
   devices of this (CPU) process; while tracing for a TPU it must answer for
@@ -116,7 +118,7 @@ def _ragged_exchange(ragged: bool):
     raise RuntimeError("moejax.moe.dispatch.expert_parallel.default_ragged is gone: "
                        "moejax.aot cannot choose the exchange for its target")
   saved = expert_parallel.default_ragged
-  expert_parallel.default_ragged = lambda: ragged
+  expert_parallel.default_ragged = lambda devices=None: ragged
   try:
     yield
   finally:
@@ -144,17 +146,22 @@ def _bytes(value: str, unit: str) -> int:
 
 
 def compile_for_tpu(cfg: ml_collections.ConfigDict, topology: str | Topology, *,
-                    ragged: bool = True) -> TpuCompile:
+                    ragged: bool | None = None) -> TpuCompile:
   """Compiles the config's training step for every chip of `topology` (see module doc).
 
-  Raises ConfigError for an invalid config or a mesh that does not fit the
-  slice (naming the key); compiler failures are returned as the status.
+  Raises ValueError for a bad topology name and ConfigError for an invalid
+  config or a mesh that does not divide the slice's chips (naming the key),
+  both before libtpu is loaded; compiler failures (and a mesh that JAX
+  cannot lay onto the slice's torus) are returned as the status.
   """
   topo = parse_topology(topology) if isinstance(topology, str) else topology
   cfg = target_config(cfg, "tpu")
   validate(cfg)
+  sizes = mesh_lib.axes_from_config(cfg, topo.num_chips)
   devices = tpu_devices(topo)
-  sizes = mesh_lib.axes_from_config(cfg, len(devices))
+  if ragged is None:
+    from moejax.moe.dispatch import expert_parallel  # noqa: PLC0415
+    ragged = expert_parallel.default_ragged(devices)
   tx, state = _abstract_state(cfg)
   tokens = cfg.train.batch_size * cfg.train.seq_len
   result = TpuCompile(config=cfg.name, topology=topo.name, num_chips=topo.num_chips,
@@ -178,7 +185,7 @@ def compile_for_tpu(cfg: ml_collections.ConfigDict, topology: str | Topology, *,
     batch = _batch(cfg, NamedSharding(mesh, mesh_lib.batch_spec()))
     scope.enter_context(jax.set_mesh(mesh))
   step = trainer.make_train_step(cfg, tx, state_shardings)
-  with scope, _ragged_exchange(ragged):
+  with scope, ragged_exchange(ragged), uncached_compiles():
     t0 = time.perf_counter()
     lowered = step.lower(state_sds, batch)
     result.lower_s = time.perf_counter() - t0
@@ -225,4 +232,5 @@ def lower_for_gpu(cfg: ml_collections.ConfigDict) -> GpuLowering:
                      lower_s=time.perf_counter() - t0, text_bytes=len(text))
 
 
-__all__ = ["GpuLowering", "TpuCompile", "compile_for_tpu", "lower_for_gpu", "target_config"]
+__all__ = ["GpuLowering", "TpuCompile", "compile_for_tpu", "lower_for_gpu", "ragged_exchange",
+           "target_config"]

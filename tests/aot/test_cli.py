@@ -42,4 +42,4 @@ def test_bad_arguments_exit_2_with_the_value_and_what_is_allowed():
   assert "topology='v5e-64' is invalid; allowed: GEN:SHAPE" in r.stderr
   r = run(*SMALL, "--exchange", "ragged,fast")
   assert r.returncode == 2
-  assert "--exchange='ragged,fast': 'fast' is unknown; allowed: ragged, padded" in r.stderr
+  assert "--exchange='ragged,fast': 'fast' is unknown; allowed: auto, ragged, padded" in r.stderr

@@ -30,6 +30,12 @@ def test_parse(name, chips, bounds):
     ("v5e:2x2x2", "a v5e slice has 2 positive dimensions"),
     ("v5p:4x4", "a v5p slice has 3 positive dimensions"),
     ("v6e:0x4", "a v6e slice has 2 positive dimensions"),
+    ("v5e:3x3", "topology='v5e:3x3' is invalid: a v5e slice larger than one host is made of "
+     "whole 2x2-chip hosts; allowed: each dimension at most its host's or a multiple of it "
+     "(e.g. v5e:2x2)"),
+    ("v5p:3x4x4", "made of whole 2x2x1-chip hosts; allowed: each dimension at most its "
+     "host's or a multiple of it (e.g. v5p:2x4x4)"),
+    ("v5e:32x32", "topology='v5e:32x32' has 1024 chips; allowed: at most 256 (a full v5e pod)"),
 ])
 def test_bad_names(name, message):
   with pytest.raises(ValueError, match=re.escape(message)):

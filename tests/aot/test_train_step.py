@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from moejax.aot import train_step
@@ -20,8 +22,9 @@ def expert_state_bytes(cfg) -> int:
 
 @needs_libtpu
 def test_expert_parallel_step_compiles_with_ragged_exchange_and_sharded_experts():
-  ep = train_step.compile_for_tpu(ep_config(expert=4), "v5e:2x2", ragged=True)
+  ep = train_step.compile_for_tpu(ep_config(expert=4), "v5e:2x2")
   assert ep.status == "fits", ep.error
+  assert ep.ragged  # what the trainer picks on a 4-chip slice
   assert ep.mesh == {"data": 1, "fsdp": 1, "expert": 4}
   assert ep.gmm_backend == "mosaic_tpu" and ep.mosaic_kernels > 0
   assert ep.ragged_exchanges > 0
@@ -37,6 +40,16 @@ def test_expert_parallel_step_compiles_with_ragged_exchange_and_sharded_experts(
   assert dp.model_flops == ep.model_flops
   assert dp.argument_bytes - ep.argument_bytes == pytest.approx(
       expert_state_bytes(ep_config()) * 3 / 4, rel=0.01)
+  # FSDP x EP: experts split 2 x 2 (as with expert=4), the rest of the state
+  # over fsdp=2 instead of replicated, gathered for the step.
+  cfg = ep_config(expert=2)
+  cfg.parallel.fsdp = 2
+  fsdp = train_step.compile_for_tpu(cfg, "v5e:2x2")
+  assert fsdp.status == "fits", fsdp.error
+  assert fsdp.mesh == {"data": 1, "fsdp": 2, "expert": 2}
+  assert fsdp.mosaic_kernels == ep.mosaic_kernels and fsdp.ragged_exchanges > 0
+  assert fsdp.argument_bytes < ep.argument_bytes
+  assert fsdp.model_flops == ep.model_flops
 
 
 @needs_libtpu
@@ -48,17 +61,48 @@ def test_padded_exchange_has_no_ragged_all_to_all():
 
 @needs_libtpu
 def test_a_step_too_large_for_the_chip_is_out_of_memory():
-  cfg = ep_config(expert=1, batch_size=16, seq_len=8192)  # [16, 2, 8192, 8192] scores
+  cfg = ep_config(expert=1)  # 64 experts [1024, 4096] per layer: the state alone is 19 GB
+  cfg.model.d_model, cfg.model.num_heads = 1024, 8
+  cfg.moe.num_experts, cfg.moe.expert_hidden = 64, 4096
+  assert expert_state_bytes(cfg) > 16 * 2**30
   r = train_step.compile_for_tpu(cfg, "v5e:1x1")
   assert r.status == "out_of_memory" and not r.fits
   assert "RESOURCE_EXHAUSTED" in r.error
   assert r.required_bytes > r.hbm_bytes
 
 
+@pytest.mark.parametrize("data,expert,batch_size,message", [
+    (-1, 8, 8, "config key parallel.data=-1 is invalid: the other parallel axes use 8 "
+     "devices, which does not divide the 4 available devices"),
+    (2, 4, 8, "config keys parallel.data=2, parallel.fsdp=1, parallel.expert=4 are invalid: "
+     "their product is 8 but there are 4 devices"),
+    (-1, 3, 8, "parallel.expert=3 is invalid: the expert axis size must divide "
+     "moe.num_experts=8"),
+    (-1, 4, 6, "config key train.batch_size=6 is invalid: each (micro-)batch of 6 "
+     "sequences is split over the 4 devices"),
+])
+def test_a_mesh_or_batch_that_does_not_divide_the_slice_is_a_config_error(
+    data, expert, batch_size, message):
+  """Raised before libtpu is loaded: these run without it."""
+  cfg = ep_config(expert=expert, batch_size=batch_size)
+  cfg.parallel.data = data
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    train_step.compile_for_tpu(cfg, "v5e:2x2")
+
+
+def test_a_bad_topology_names_the_value():
+  with pytest.raises(ValueError, match=re.escape("topology='v5e:3x3' is invalid")):
+    train_step.compile_for_tpu(ep_config(), "v5e:3x3")
+
+
 @needs_libtpu
-def test_a_mesh_that_does_not_fit_the_slice_is_a_config_error():
-  with pytest.raises(ConfigError, match=r"parallel\.data=-1 is invalid.*does not divide the 4 available devices"):
-    train_step.compile_for_tpu(ep_config(expert=8), "v5e:2x2")
+def test_a_mesh_the_torus_cannot_hold_is_an_error_naming_it():
+  cfg = ep_config(expert=8, batch_size=64)  # configs/pod_v6e64.py's mesh on a v5p-64
+  cfg.parallel.fsdp = 8
+  r = train_step.compile_for_tpu(cfg, "v5p:4x4x4")
+  assert r.status == "error" and not r.fits
+  assert r.error.startswith("mesh {'data': 1, 'fsdp': 8, 'expert': 8} on v5p:4x4x4: ")
+  assert "product of some subset of the physical mesh axis sizes" in r.error
 
 
 def test_target_config_resolves_only_auto():

@@ -46,6 +46,10 @@ from moejax.parallel.axes import AXES, EXPERT_AXIS, TOKEN_AXES
 
 MODES = ("capacity", "dropless")
 RAGGED_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")  # where ragged_all_to_all exists
+# Slices on which the TPU compiler refuses ragged_all_to_all ("not supported in
+# limited ICI routing settings", libtpu 0.0.42.1): v5e above 16 chips (4x8 and
+# larger; 2x8 and 4x4 compile). Device kind -> most chips it compiles for.
+RAGGED_MAX_CHIPS = {"TPU v5 lite": 16}
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -215,9 +219,17 @@ def ambient_mesh():
   return mesh if math.prod(mesh_sizes(mesh).values()) > 1 else None
 
 
-def default_ragged() -> bool:
-  """Whether `ragged_all_to_all` exists on the devices (TPU, GPU): not on CPU."""
-  return jax.devices()[0].platform in RAGGED_PLATFORMS
+def default_ragged(devices=None) -> bool:
+  """Whether the dropless exchange uses `ragged_all_to_all` on `devices` (default: all).
+
+  It exists on TPU and GPU, not on CPU, and the TPU compiler refuses it on
+  some slices (`RAGGED_MAX_CHIPS`); elsewhere the padded all-to-all is used.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  first = devices[0]
+  if first.platform not in RAGGED_PLATFORMS:
+    return False
+  return len(devices) <= RAGGED_MAX_CHIPS.get(first.device_kind, len(devices))
 
 
 def expert_parallel_dispatch(x_TxD: jax.Array, assignment: Assignment,

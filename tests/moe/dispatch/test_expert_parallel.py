@@ -10,8 +10,10 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from moejax.moe.dispatch import expert_parallel as epd
@@ -79,6 +81,18 @@ def test_ragged_offsets_property(rows_list):
   for i in range(n):
     assert (np.asarray(epd.ragged_offsets(sizes.T, i)[2]).tolist()
             == [int(offs[j][0][i]) for j in range(n)])
+
+
+@pytest.mark.parametrize("platform,kind,chips,ragged", [
+    ("cpu", "cpu", 8, False),
+    ("gpu", "NVIDIA H100 80GB HBM3", 8, True),
+    ("tpu", "TPU v5 lite", 16, True),
+    ("tpu", "TPU v5 lite", 32, False),  # the TPU compiler refuses it (tests/aot)
+    ("tpu", "TPU v6 lite", 256, True),
+])
+def test_default_ragged_follows_the_platform_and_the_slice(platform, kind, chips, ragged):
+  devices = [types.SimpleNamespace(platform=platform, device_kind=kind)] * chips
+  assert epd.default_ragged(devices) is ragged
 
 
 def test_expert_parallel_on_8_devices():
