@@ -5,15 +5,19 @@
         --out OUT_DIR
 
     --method prune --criterion {frequency,gate_weight,output_error,random} --remove FRACTION
+    --method merge --to N [--no-align] [--group-by {router_logits,weights}]
+                   [--align-by {weights,activations}]
+    --method quantize (--bits {8,4,2} | --avg-bits B) [--scheme {sym,asym,fp8}] [--group-size G]
     --method distill --teacher TEACHER_RUN --steps N [--temperature T] [--alpha A] [--lr LR]
         [--warmup-steps W]   (trains OUT_DIR; moejax/compress/distill.py)
 
 `--help` lists every method (moejax.compress.METHODS) with its options; an
 option of another method is refused by name. Methods that need calibration
 run the model over N batches of train.batch_size rows (default
-train.eval_batches) of DATA ("val" by default: the run's validation split,
-the rows moejax.analysis.capture reads; "train"; or a .jsonl file of
-{"text"} lines, a .txt file or a directory of them, read like data.path).
+train.eval_batches) of DATA ("train" by default: rows of the run's training
+split; "val": its validation split, the rows moejax.analysis.capture reads
+and the trainer scores; or a .jsonl file of {"text"} lines, a .txt file or a
+directory of them, read like data.path).
 OUT_DIR is an ordinary run directory (config.json, a step-0 checkpoint with
 fresh optimizer state), so tools/evaluate.py, tools/generate.py,
 moejax.analysis and `python -m experiments --workdir OUT_DIR` (fine-tuning)
@@ -146,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--method", required=True,
                  help="; ".join(f"{m.name}: {m.summary}" for m in methods.values()))
   p.add_argument("--seed", type=int, default=0, help="random choices; sampled inputs")
-  p.add_argument("--calib", default="val",
-                 help="'val', 'train', or a .txt/.jsonl file or directory (default: val)")
+  p.add_argument("--calib", default="train",
+                 help="'train', 'val', or a .txt/.jsonl file or directory (default: train, "
+                      "so that scores on the validation split are not on calibration rows)")
   p.add_argument("--calib-batches", type=int, default=None,
                  help="calibration batches of train.batch_size rows (default "
                       "train.eval_batches)")

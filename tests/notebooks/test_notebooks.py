@@ -14,7 +14,8 @@ from nbclient import NotebookClient
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 NAMES = ["01_quickstart.ipynb", "02_routers.ipynb", "03_scaling_laws.ipynb",
-         "04_routing_analysis.ipynb", "05_checkpoints.ipynb", "06_inference.ipynb"]
+         "04_routing_analysis.ipynb", "05_checkpoints.ipynb", "06_inference.ipynb",
+         "07_compression.ipynb"]
 NEEDS = {"05_checkpoints.ipynb": ("torch", "transformers")}  # beyond moejax's dependencies
 
 

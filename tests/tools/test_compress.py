@@ -50,7 +50,7 @@ def test_the_pruned_run_holds_what_prune_computes(src, pruned):
   params, collections, _ = load_run(src)
   variables = {"params": params, **collections}
   want = prune(cfg, variables, "gate_weight", 0.25,
-               calibrate(analysis.Model(cfg, variables), "val", num_batches=1))
+               calibrate(analysis.Model(cfg, variables), "train", num_batches=1))
   assert json.load(open(os.path.join(pruned, "config.json")))["moe"]["num_experts"] == 3
   got, got_collections, step = load_run(pruned)
   assert step == 0 and not got_collections
