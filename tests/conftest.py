@@ -85,3 +85,14 @@ def load_tool(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def assert_exits_2(main, cases: list[tuple[list[str], str]], capsys) -> None:
+  """Each (argv, pattern): main(argv) returns 2 and prints `error: ...` matching the regex."""
+  import re  # noqa: PLC0415
+
+  for argv, message in cases:
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), (argv, err)

@@ -72,6 +72,7 @@ def compress(args) -> dict:
   from moejax.compress import calibrate  # noqa: PLC0415
   from moejax.init.sources import load_run, run_config  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
 
   from moejax.train import trainer  # noqa: PLC0415
 
@@ -116,7 +117,6 @@ def compress(args) -> dict:
                 calib_tokens=args.calib_tokens, calibration=calib.summary())
   trainer.write_run(result.cfg, result.variables, args.out)
   for stem, array in result.arrays.items():
-    import numpy as np  # noqa: PLC0415
     np.save(os.path.join(args.out, f"{stem}.npy"), array)
   _write_report(args.out, previous + [step])
   if method.after_write is not None:  # e.g. distillation: trains in OUT_DIR

@@ -61,7 +61,8 @@ import scipy.optimize
 from moejax import layout
 from moejax.checks import ConfigError
 from moejax.compress.calibrate import Calibration
-from moejax.compress.method import Method, Option, Result
+from moejax.compress.method import (Method, Option, Result, check_routed_experts,
+                                    quant_scheme)
 from moejax.moe import layer as moe_layer
 from moejax.moe.experts import ExpertFamily, get_family
 
@@ -107,17 +108,10 @@ class Merged:
 
 def check_mergeable(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the option when `cfg`'s experts cannot be merged."""
+  check_routed_experts(cfg, "merge")
   moe = cfg.moe
-  if not moe.enabled or not layout.moe_layer_indices(cfg):
-    raise ValueError("moe.enabled=False: the run is not an MoE; a dense run has no experts "
-                     "to merge")
-  a = moe.get("adapters")
-  if a is not None and a.get("enabled", False):
-    raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the experts of its "
-                     f"base run (moe.adapters.base={a.base!r}); merge the base run instead")
-  quant = moe.get("quant")
-  if quant is not None and quant.get("scheme", "none") != "none":
-    raise ValueError(f"moe.quant.scheme={quant.scheme!r}: the experts are quantized codes; "
+  if quant_scheme(cfg) != "none":
+    raise ValueError(f"moe.quant.scheme={moe.quant.scheme!r}: the experts are quantized codes; "
                      "merging averages float weights: merge before quantizing")
   if moe.router not in MERGEABLE:
     why = NOT_MERGEABLE.get(moe.router, "its choices are not a fixed top-k of a linear gate's "

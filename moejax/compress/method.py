@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from moejax import layout
+
 
 @dataclasses.dataclass(frozen=True)
 class Option:
@@ -74,3 +76,21 @@ class Method:
 
   def flags(self) -> set[str]:
     return {o.flag for o in self.options}
+
+
+def check_routed_experts(cfg: ml_collections.ConfigDict, verb: str) -> None:
+  """ValueError naming the option unless `cfg` has float routed experts of its own that a
+  method may `verb` (prune, merge, quantize): an MoE, not an adapter run."""
+  moe = cfg.moe
+  if not moe.enabled or not layout.moe_layer_indices(cfg):
+    raise ValueError("moe.enabled=False: the run is not an MoE; a dense run has no routed "
+                     f"experts to {verb}")
+  a = moe.get("adapters")
+  if a is not None and a.get("enabled", False):
+    raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the experts of its "
+                     f"base run (moe.adapters.base={a.base!r}); {verb} the base run instead")
+
+
+def quant_scheme(cfg: ml_collections.ConfigDict) -> str:
+  """moe.quant.scheme ("none" when the run's experts are float)."""
+  return cfg.moe.get("quant", {}).get("scheme", "none")

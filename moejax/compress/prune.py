@@ -48,7 +48,8 @@ import numpy as np
 from moejax import layout
 from moejax.checks import ConfigError
 from moejax.compress.calibrate import Calibration
-from moejax.compress.method import Method, Option, Result
+from moejax.compress.method import (Method, Option, Result, check_routed_experts,
+                                    quant_scheme)
 from moejax.init import grow
 from moejax.moe import layer as moe_layer
 from moejax.moe.experts import get_family
@@ -91,14 +92,8 @@ class Pruned:
 
 def check_prunable(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the option when `cfg`'s experts cannot be pruned."""
+  check_routed_experts(cfg, "prune")
   moe = cfg.moe
-  if not moe.enabled or not layout.moe_layer_indices(cfg):
-    raise ValueError("moe.enabled=False: the run is not an MoE; a dense run has no experts "
-                     "to prune")
-  a = moe.get("adapters")
-  if a is not None and a.get("enabled", False):
-    raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the experts of its "
-                     f"base run (moe.adapters.base={a.base!r}); prune the base run instead")
   if moe_layer.has_expert_map(moe):
     raise ValueError(
         f"moe.num_router_experts={moe.num_router_experts} with moe.num_experts="
@@ -107,7 +102,7 @@ def check_prunable(cfg: ml_collections.ConfigDict) -> None:
         "expert would remove as many router experts as were merged into it, a different "
         "number in each layer, which the layers of one scanned stack cannot hold; prune "
         "before merging, or merge to fewer experts")
-  if moe.get("quant", {}).get("scheme", "none") != "none":
+  if quant_scheme(cfg) != "none":
     raise ValueError(f"moe.quant.scheme={moe.quant.scheme!r}: the run's experts are "
                      "quantized (tools/compress.py --method quantize); prune the float run "
                      "before quantizing")

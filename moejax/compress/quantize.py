@@ -55,7 +55,8 @@ import numpy as np
 from moejax import layout
 from moejax.checks import ConfigError
 from moejax.compress.calibrate import Calibration
-from moejax.compress.method import Method, Option, Result
+from moejax.compress.method import (Method, Option, Result, check_routed_experts,
+                                    quant_scheme)
 from moejax.compress.prune import _layer_cfg, _one_layer
 from moejax.moe import layer as moe_layer
 from moejax.moe.experts import get_family
@@ -89,15 +90,8 @@ class Quantized:
 
 def check_quantizable(cfg: ml_collections.ConfigDict) -> None:
   """ValueError when `cfg`'s experts cannot be quantized (before any reading)."""
-  moe = cfg.moe
-  if not moe.enabled or not layout.moe_layer_indices(cfg):
-    raise ValueError("moe.enabled=False: the run is not an MoE; a dense run has no routed "
-                     "experts to quantize")
-  a = moe.get("adapters")
-  if a is not None and a.get("enabled", False):
-    raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the float experts "
-                     f"of its base run (moe.adapters.base={a.base!r}); quantize the base run")
-  scheme = moe.get("quant", {}).get("scheme", "none")
+  check_routed_experts(cfg, "quantize")
+  scheme = quant_scheme(cfg)
   if scheme != "none":
     raise ValueError(f"moe.quant.scheme={scheme!r}: the run's experts are already quantized "
                      "(--method quantize); quantize its float source run instead")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from moejax.compress import distill
 from moejax.init.sources import load_run, run_config
 from moejax.train import trainer
 from moejax.train.preemption import StopRequest
-from tests.conftest import REPO, load_tool, tiny_config
+from tests.conftest import REPO, assert_exits_2, load_tool, tiny_config
 from tests.train.test_distill import kd_reference
 
 compress_tool = load_tool("compress")
@@ -224,9 +223,5 @@ def test_bad_input_exits_2(runs, tmp_path, capsys):
       (["--run", p, "--method", "prune", "--criterion", "random", "--remove", "0.5",
         "--teacher", t, "--out", out], "--teacher is an option of --method distill"),
   ]
-  for argv, message in cases:
-    capsys.readouterr()
-    assert compress_tool.main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and re.search(message, err), (argv, err)
+  assert_exits_2(compress_tool.main, cases, capsys)
   assert not os.path.exists(out)

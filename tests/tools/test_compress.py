@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import jax
 import numpy as np
@@ -16,7 +15,7 @@ from moejax import model as lm
 from moejax.compress import calibrate, prune
 from moejax.init.sources import load_run, run_config
 from moejax.train import trainer
-from tests.conftest import load_tool, tiny_config
+from tests.conftest import assert_exits_2, load_tool, tiny_config
 
 compress_tool = load_tool("compress")
 evaluate_tool = load_tool("evaluate")
@@ -164,11 +163,7 @@ def test_bad_input_exits_2(src, pruned, tmp_path, capsys):
       (_args(_config_only(tmp_path, "merged", num_experts=2, num_router_experts=4), out),
        "the run's experts are merged .* prune before merging"),
   ]
-  for argv, message in cases:
-    capsys.readouterr()
-    assert compress_tool.main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and re.search(message, err), (argv, err)
+  assert_exits_2(compress_tool.main, cases, capsys)
   assert not os.path.exists(out)
 
 
@@ -256,9 +251,5 @@ def test_quantize_bad_input_exits_2(src, tmp_path, capsys):
       (_args(done, out), r"moe.quant.scheme='sym': the run's experts are quantized .*prune "
                          r"the float run before quantizing"),
   ]
-  for argv, message in cases:
-    capsys.readouterr()
-    assert compress_tool.main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and re.search(message, err), (argv, err)
+  assert_exits_2(compress_tool.main, cases, capsys)
   assert not os.path.exists(out)
