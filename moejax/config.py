@@ -65,6 +65,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attn_shared_kv = True  # one K/V projection for all experts (they own Q, O)
   c.model.attn_aux_loss_weight = 0.01  # switch balancing loss of the attention routers
   c.model.attn_z_loss_weight = 1e-3  # router z-loss of the attention routers
+  # Mixture-of-Head attention (MoH; moejax/model/head_experts.py): heads routed per token.
+  c.model.moh = ml_collections.ConfigDict()
+  c.model.moh.top_k = 0  # routed heads per token; 0 = plain attention (MoH off)
+  c.model.moh.shared_heads = 0  # heads every token uses (the first ones of model.num_heads)
+  c.model.moh.renormalize = True  # weights 1 at a uniform router (False: the paper's Eq. 5-6)
+  c.model.moh.aux_loss_weight = 0.01  # balance loss of the head routers (the paper's beta)
 
   c.moe = ml_collections.ConfigDict()
   c.moe.enabled = True

@@ -190,6 +190,8 @@ def export_reasons(cfg) -> list[str]:
   out = []
   if m.get("attn_experts", 0):
     out.append(f"model.attn_experts={m.attn_experts} (attention experts)")
+  if m.get("moh") is not None and m.moh.top_k:
+    out.append(f"model.moh.top_k={m.moh.top_k} (Mixture-of-Head attention)")
   if moe.get("adapters") is not None and moe.adapters.enabled:
     out.append("moe.adapters.enabled=True (routed LoRA adapters)")
   if not moe.enabled:

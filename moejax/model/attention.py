@@ -6,7 +6,10 @@
 ("qkv" as Qwen2, "qkvo" also on the output), q/k RMSNorms `model.qk_norm`
 ("head": per head as Qwen3, "full": over the whole projection as OLMoE;
 epsilon `model.norm_eps`), RoPE at positions 0..L-1 or given positions.
-Multi-head latent attention is in latent_attention.py. `AttentionExperts` is a mixture of
+`attention_heads` (the per-head outputs) and `output_projection` are its two
+halves, shared with Mixture-of-Head attention (head_experts.py), which
+weights the heads in between. Multi-head latent attention is in
+latent_attention.py. `AttentionExperts` is a mixture of
 attention experts (MoA, `model.attn_experts` > 0): E_a attention experts with
 their own query and output projections and either one key/value projection
 shared by all experts (`model.attn_shared_kv`) or their own, mixed per token
@@ -187,47 +190,63 @@ class CausalAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None,
                dec: Decoding | None = None) -> jax.Array:
-    b, l, d = x_BxLxD.shape
-    h = self.num_heads
-    g = self.num_kv_heads or h
-    k = self.head_dim or d // h
-    dt = DTYPES[self.dtype]
-    in_bias = self.bias in ("qkv", "qkvo")
-    if g == h:
-      w_qkv = self.param("w_qkv", fan_in_init(d), (d, 3, h, k))
-      qkv = linear(x_BxLxD, w_qkv.reshape(d, 3 * h * k), dt).reshape(b, l, 3, h, k)
-      if in_bias:
-        qkv = qkv + self.param("b_qkv", nn.initializers.zeros, (3, h, k))
-      q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    else:
-      w_q = self.param("w_q", fan_in_init(d), (d, h, k))
-      w_kv = self.param("w_kv", fan_in_init(d), (d, 2, g, k))
-      q = linear(x_BxLxD, w_q.reshape(d, h * k), dt).reshape(b, l, h, k)
-      kv = linear(x_BxLxD, w_kv.reshape(d, 2 * g * k), dt).reshape(b, l, 2, g, k)
-      if in_bias:
-        q = q + self.param("b_q", nn.initializers.zeros, (h, k))
-        kv = kv + self.param("b_kv", nn.initializers.zeros, (2, g, k))
-      kk, v = kv[:, :, 0], kv[:, :, 1]
-    if self.qk_norm == "head":
-      q = RMSNorm(self.norm_eps, name="q_norm")(q)
-      kk = RMSNorm(self.norm_eps, name="k_norm")(kk)
-    elif self.qk_norm == "full":
-      q = RMSNorm(self.norm_eps, name="q_norm")(q.reshape(b, l, h * k)).reshape(b, l, h, k)
-      kk = RMSNorm(self.norm_eps, name="k_norm")(kk.reshape(b, l, g * k)).reshape(b, l, g, k)
-    if dec is not None:
-      positions_BxL = dec.positions_BxL
-    q = rope(q, self.rope_theta, positions_BxL)
-    kk = rope(kk, self.rope_theta, positions_BxL)
-    if dec is None:
-      o_BxLxHxK = attend(q, kk, v, dt)
-    else:
-      kk, v = cached_kv(self, kk, v, dec, dt)
-      o_BxLxHxK = attend(q, kk, v, dt, mask_BxLxM=dec.mask(l))
-    w_out = self.param("w_out", fan_in_init(h * k, self.out_scale), (h, k, d))
-    y = linear(o_BxLxHxK.reshape(b, l, h * k), w_out.reshape(h * k, d), dt)
-    if self.bias == "qkvo":
-      y = y + self.param("b_out", nn.initializers.zeros, (d,))
-    return y
+    o_BxLxHxK = attention_heads(self, x_BxLxD, positions_BxL, dec)
+    return output_projection(self, o_BxLxHxK, x_BxLxD.shape[-1])
+
+
+def attention_heads(mod: CausalAttention, x_BxLxD: jax.Array, positions_BxL: jax.Array | None,
+                    dec: Decoding | None) -> jax.Array:
+  """The per-head outputs o [B, L, H, K] (float32) of `mod`'s attention, before w_out.
+
+  Declares `mod`'s q/k/v parameters (and norms, and its cache when decoding);
+  called from the compact `__call__` of `CausalAttention` or of a module that
+  reweights the heads (moejax/model/head_experts.py).
+  """
+  b, l, d = x_BxLxD.shape
+  h = mod.num_heads
+  g = mod.num_kv_heads or h
+  k = mod.head_dim or d // h
+  dt = DTYPES[mod.dtype]
+  in_bias = mod.bias in ("qkv", "qkvo")
+  if g == h:
+    w_qkv = mod.param("w_qkv", fan_in_init(d), (d, 3, h, k))
+    qkv = linear(x_BxLxD, w_qkv.reshape(d, 3 * h * k), dt).reshape(b, l, 3, h, k)
+    if in_bias:
+      qkv = qkv + mod.param("b_qkv", nn.initializers.zeros, (3, h, k))
+    q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  else:
+    w_q = mod.param("w_q", fan_in_init(d), (d, h, k))
+    w_kv = mod.param("w_kv", fan_in_init(d), (d, 2, g, k))
+    q = linear(x_BxLxD, w_q.reshape(d, h * k), dt).reshape(b, l, h, k)
+    kv = linear(x_BxLxD, w_kv.reshape(d, 2 * g * k), dt).reshape(b, l, 2, g, k)
+    if in_bias:
+      q = q + mod.param("b_q", nn.initializers.zeros, (h, k))
+      kv = kv + mod.param("b_kv", nn.initializers.zeros, (2, g, k))
+    kk, v = kv[:, :, 0], kv[:, :, 1]
+  if mod.qk_norm == "head":
+    q = RMSNorm(mod.norm_eps, name="q_norm")(q)
+    kk = RMSNorm(mod.norm_eps, name="k_norm")(kk)
+  elif mod.qk_norm == "full":
+    q = RMSNorm(mod.norm_eps, name="q_norm")(q.reshape(b, l, h * k)).reshape(b, l, h, k)
+    kk = RMSNorm(mod.norm_eps, name="k_norm")(kk.reshape(b, l, g * k)).reshape(b, l, g, k)
+  if dec is not None:
+    positions_BxL = dec.positions_BxL
+  q = rope(q, mod.rope_theta, positions_BxL)
+  kk = rope(kk, mod.rope_theta, positions_BxL)
+  if dec is None:
+    return attend(q, kk, v, dt)
+  kk, v = cached_kv(mod, kk, v, dec, dt)
+  return attend(q, kk, v, dt, mask_BxLxM=dec.mask(l))
+
+
+def output_projection(mod: CausalAttention, o_BxLxHxK: jax.Array, d: int) -> jax.Array:
+  """y = sum_h o[..., h, :] @ w_out[h] (+ b_out with bias "qkvo"): [B, L, D] float32."""
+  b, l, h, k = o_BxLxHxK.shape
+  w_out = mod.param("w_out", fan_in_init(h * k, mod.out_scale), (h, k, d))
+  y = linear(o_BxLxHxK.reshape(b, l, h * k), w_out.reshape(h * k, d), DTYPES[mod.dtype])
+  if mod.bias == "qkvo":
+    y = y + mod.param("b_out", nn.initializers.zeros, (d,))
+  return y
 
 
 def attention_route(logits_TxE: jax.Array, k: int, renormalize: bool = True

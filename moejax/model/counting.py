@@ -21,6 +21,17 @@ Mixture of attention experts (model.attn_experts = E_a > 0): a token uses
 attn_top_k experts' projections (params_active), but the layer computes all
 E_a experts for every token (dense compute), so flops_per_token counts the
 projections and the score/value products of all E_a experts.
+
+Mixture-of-Head attention (model.moh.top_k = k > 0; moejax/model/head_experts.py):
+the parameters are the plain attention's plus the head gates (router [D, h_r],
+shared_router [D, h_s] when h_s >= 2, stage_router [D, 2] when h_s >= 1). A
+token uses every K/V projection, the gates, b_out, and the Q and O slices of
+the h_s shared and k routed heads (params_active): an unselected head's
+w_q[:, h] and b_q[h] (with model.attn_bias) and w_out[h] are inactive; with
+model.qk_norm="full" its Q slice still feeds the norm's RMS over all heads, so
+only its q_norm gain slice and w_out[h] are. The layer computes every head
+for every token, so flops_per_token counts all heads' projections and all H
+heads' score/value products (the attention width is unchanged).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import ml_collections
 
 from moejax.layout import layer_plan
+from moejax.model import head_experts
 from moejax.moe.experts import get_family
 from moejax.moe.layer import router_moe, shared_width
 from moejax.moe.routers import get_router
@@ -84,10 +96,22 @@ def attention_params(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
   With E_a attention experts: per-expert Q and O (and K, V unless shared),
   the shared K/V projection and the [D, E_a] router; active counts
-  attn_top_k experts, computed all E_a.
+  attn_top_k experts, computed all E_a. With Mixture-of-Head attention: the
+  plain attention plus the head gates; active without the Q/O slices of the
+  h_r - k unselected heads, computed all of them (module docstring).
   """
   m = cfg.model
   d, e = m.d_model, m.get("attn_experts", 0)
+  if head_experts.enabled(cfg):
+    n = plain_attention_params(m)
+    h, s, kd = m.num_heads, m.moh.shared_heads, m.get("head_dim", 0) or d // m.num_heads
+    gates = d * (h - s) + (d * s if s >= 2 else 0) + (2 * d if s >= 1 else 0)
+    if m.get("qk_norm", "none") == "full":  # w_q feeds the RMS over all heads
+      unused_head = kd * d + kd
+    else:
+      unused_head = 2 * kd * d + (kd if m.get("attn_bias", "none") != "none" else 0)
+    unused = (h - s - m.moh.top_k) * unused_head
+    return n + gates, n + gates - unused, n + gates
   if not e:
     n = plain_attention_params(m)
     return n, n, n

@@ -6,9 +6,10 @@ as one scanned stack; the rest as a scanned stack of identical "periods" of
 moe.every layers (one MoE layer followed by every-1 dense layers), so compile
 time does not grow with depth (moejax/layout.py: where they live).
 
-Auxiliary losses (the MoE layers', the attention experts', the adapters')
-come out of every block the same way, unweighted and by name, and the model
-returns them in aux["losses"] (moejax/aux_losses.py weights and sums them).
+Auxiliary losses (the MoE layers', the attention experts', Mixture-of-Head
+attention's, the adapters') come out of every block the same way, unweighted
+and by name, and the model returns them in aux["losses"]
+(moejax/aux_losses.py weights and sums them).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from moejax.aux_losses import AuxLoss
 from moejax.checks import choice, fail, positive, positive_int
 from moejax.layers import DTYPES, RMSNorm, SwiGLU, dot, linear
 from moejax.model import attention as attention_lib
+from moejax.model import head_experts
 from moejax.model.attention import AttentionExperts, CausalAttention, Decoding
+from moejax.model.head_experts import HeadExperts
 from moejax.model.latent_attention import LatentAttention
 from moejax.moe import MoELayer
 from moejax.moe import adapters as adapters_lib
@@ -46,7 +49,7 @@ def aux_losses(cfg: ml_collections.ConfigDict) -> dict[str, AuxLoss]:
   """{name: AuxLoss} of every auxiliary loss the model of `cfg` reports."""
   out: dict[str, AuxLoss] = {}
   for loss in (*moe_layer.aux_losses(cfg), *attention_lib.aux_losses(cfg),
-               *adapters_lib.aux_losses(cfg)):
+               *head_experts.aux_losses(cfg), *adapters_lib.aux_losses(cfg)):
     if loss.name in out:
       raise ValueError(f"auxiliary loss {loss.name!r} is declared twice")
     out[loss.name] = loss
@@ -54,7 +57,8 @@ def aux_losses(cfg: ml_collections.ConfigDict) -> dict[str, AuxLoss]:
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """model.* keys (attention experts by moejax/model/attention.py)."""
+  """model.* keys (attention experts by moejax/model/attention.py, Mixture-of-Head
+  attention by moejax/model/head_experts.py)."""
   m = cfg.model
   for key in ("model.d_model", "model.num_layers", "model.num_heads",
               "model.ffn_hidden", "model.vocab_size", "model.rope_theta", "model.norm_eps"):
@@ -95,6 +99,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       fail("model.num_kv_heads", m.num_kv_heads,
            f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
   attention_lib.check_config(cfg)
+  head_experts.check_config(cfg)
 
 
 class Block(nn.Module):
@@ -130,6 +135,13 @@ class Block(nn.Module):
       h, attn_losses = AttentionExperts(
           m.num_heads, m.attn_experts, m.attn_top_k, m.attn_shared_kv, m.rope_theta, m.dtype,
           out_scale, m.get("attn_renormalize", True), name="attn")(a_in, dec)
+      losses.update(attn_losses)
+    elif head_experts.enabled(self.cfg):  # Mixture-of-Head attention (MoH)
+      h, attn_losses = HeadExperts(
+          m.num_heads, m.rope_theta, m.dtype, out_scale, m.get("num_kv_heads", 0),
+          m.get("head_dim", 0), m.get("attn_bias", "none"), m.get("qk_norm", "none"), eps,
+          top_k=m.moh.top_k, shared_heads=m.moh.shared_heads,
+          renormalize=m.moh.renormalize, name="attn")(a_in, dec=dec)
       losses.update(attn_losses)
     else:
       h = CausalAttention(m.num_heads, m.rope_theta, m.dtype, out_scale,
