@@ -18,6 +18,13 @@ def _topk(c):
   del c
 
 
+def _dense(c):
+  """The dense baseline at the quickstart's active parameters per token: one FFN as wide as
+  the k=2 routed experts of width 256 (configs/quickstart.py:dense)."""
+  c.moe.enabled = False
+  c.model.ffn_hidden = c.moe.top_k * c.moe.expert_hidden
+
+
 def _moh(c):
   """Mixture-of-Head attention: of the 4 heads per layer 1 is shared and each token picks 2
   of the other 3 by its head router (75% of the heads, as MoH-LLaMA3); the FFN MoE is the
@@ -30,6 +37,7 @@ def _moh(c):
 
 
 VARIANTS = {
+    "dense": _dense,
     "topk": _topk,
     "moh": _moh,
 }
