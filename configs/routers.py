@@ -17,7 +17,18 @@ How each router meets that budget:
   relu: the adaptive L1 drives the active fraction to k/E (2 experts/token);
   top_p: p=0.5, at most 4 experts; null_experts: 8 null experts with k=2,
       so a token uses at most 2 real experts (at most the budget; AdaMoE's
-      point is to spend less).
+      point is to spend less);
+  thor: k=2 uniformly random experts per token in each forward pass, so a
+      pass has the quickstart's active parameters; but a training step runs
+      two passes (the consistency loss), so flops_per_token is twice the
+      quickstart's, and evaluation with moe.thor.inference="average" runs
+      all 8 experts per token (4x the expert compute; "single" runs 1);
+  tsallis: topk plus the Tsallis router-entropy loss (q=1.1, weight 0.01,
+      minimised): exactly k=2 experts per token, the loss costs nothing
+      per token;
+  erc: topk plus the ERC loss (weight 0.01, alpha 1, noise cap 1): exactly
+      k=2 experts per token; the loss adds 8 x 8 proxy activations of the
+      gate projection per MoE layer and step, independent of the batch.
 Expected result: docs/results/routers.md (validation loss within a few
 percent of each other at this scale; hash last, soft and expert choice
 mixing across the batch).
@@ -26,7 +37,8 @@ mixing across the batch).
 from configs.quickstart import get_config as quickstart
 
 ROUTERS = ("topk", "topk_noisy", "expert_choice", "soft", "sigmoid_bias", "group_limited",
-           "group_limited_balanced", "recurrent", "relu", "null_experts", "top_p", "hash")
+           "group_limited_balanced", "recurrent", "relu", "null_experts", "top_p", "hash",
+           "thor", "tsallis", "erc")
 
 
 def get_config(name: str = "topk"):
@@ -60,4 +72,17 @@ def get_config(name: str = "topk"):
   elif name == "hash":
     m.aux_loss_weight = 0.0  # nothing to balance: the hash fixes the routing
     m.z_loss_weight = 0.0
+  elif name == "thor":
+    m.aux_loss_weight = 0.0  # no router scores: nothing to balance
+    m.z_loss_weight = 0.0
+  elif name == "tsallis":
+    m.router = "topk"
+    m.router_entropy.kind = "tsallis"
+    m.router_entropy.q = 1.1
+    m.router_entropy.weight = 0.01
+  elif name == "erc":
+    m.router = "topk"
+    m.erc.weight = 0.01
+    m.erc.alpha = 1.0
+    m.erc.noise = 1.0
   return c

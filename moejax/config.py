@@ -168,6 +168,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.recurrent.hidden = 64  # router state size R
   c.moe.soft = ml_collections.ConfigDict()
   c.moe.soft.slots_per_expert = 1
+  c.moe.thor = ml_collections.ConfigDict()  # stochastic experts (moejax/moe/routers/thor.py)
+  c.moe.thor.inference = "average"  # "average" (all experts, weight 1/E) or "single" (hashed id)
+  c.moe.thor.consistency_weight = 1.0  # weight of the symmetric KL between the two passes
+  c.moe.thor.seed = 0  # inference="single": seed of the token-id hash
+  # Entropy of the router probabilities as an auxiliary loss (moejax/moe/router_entropy.py).
+  c.moe.router_entropy = ml_collections.ConfigDict()
+  c.moe.router_entropy.kind = "none"  # "none", "shannon" or "tsallis"
+  c.moe.router_entropy.q = 1.1  # tsallis: entropic index q > 0 (q -> 1: Shannon)
+  c.moe.router_entropy.weight = 0.01  # > 0 minimises the entropy (sharpens), < 0 maximises it
+  # Expert-router coupling loss (moejax/moe/erc.py): router embeddings as proxy tokens.
+  c.moe.erc = ml_collections.ConfigDict()
+  c.moe.erc.weight = 0.0  # 0 = off
+  c.moe.erc.alpha = 1.0  # margin in [0, 1]: penalise M[i, j] > alpha * M[i, i]
+  c.moe.erc.noise = 1.0  # in [0, 1]: cap of each proxy's multiplicative noise half-width
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

@@ -11,6 +11,17 @@ dims and K_v = v_head_dim). Active parameters are those a token uses: every
 non-expert weight plus top_k routed experts and the shared experts (with the
 shared gate) of each MoE layer.
 
+Training vs inference: `params_active` counts the experts a token uses in
+training (the router's `experts_per_token`), `params_active_inference` those
+it uses with deterministic=True (`inference_experts_per_token`); they differ
+for THOR (top_k random experts in training; all E, or 1, at inference).
+`flops_per_token` is the training cost of one token in one optimizer step:
+6 FLOPs per training-active parameter plus attention, times the forward
+passes the step runs (`training_passes`: 2 for a router that declares
+two-pass consistency training, THOR; else 1). Per-step costs that do not
+scale with the tokens (the ERC loss's E^2 proxy activations per MoE layer)
+are not in it.
+
 Attention parameters (`plain_attention_params`) follow the layer's options:
 grouped-query K/V projections (model.num_kv_heads), model.head_dim, the
 biases of model.attn_bias, the q/k norm gains of model.qk_norm, and for
@@ -45,14 +56,25 @@ from moejax.moe.layer import router_moe, shared_width
 from moejax.moe.routers import get_router
 
 
-def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
-  """Expert applications per token: the router's `experts_per_token(cfg)`.
+def experts_per_token(cfg: ml_collections.ConfigDict, inference: bool = False) -> float:
+  """Expert applications per token in training: the router's `experts_per_token(cfg)`
+  (with `inference`: its `inference_experts_per_token(cfg)`).
 
   moe.top_k unless the router says otherwise (Soft MoE's slots, expert
-  choice's capacity); for adaptive routers (ReLU, top-p, null experts) top_k
-  is the nominal budget, the measured mean is the `experts_per_token` metric.
+  choice's capacity, THOR at inference); for adaptive routers (ReLU, top-p,
+  null experts) top_k is the nominal budget, the measured mean is the
+  `experts_per_token` metric.
   """
-  return get_router(cfg.moe.router).experts_per_token(cfg)
+  router = get_router(cfg.moe.router)
+  return router.inference_experts_per_token(cfg) if inference else router.experts_per_token(cfg)
+
+
+def training_passes(cfg: ml_collections.ConfigDict) -> int:
+  """Forward (and backward) passes of each batch in a training step: 2 with a router that
+  declares `consistency` (moejax/moe/routers/base.py), else 1."""
+  if not cfg.moe.enabled or get_router(cfg.moe.router).consistency(cfg.moe) is None:
+    return 1
+  return 2
 
 
 def plain_attention_params(m: ml_collections.ConfigDict) -> int:
@@ -121,10 +143,11 @@ def attention_params(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-  """{"params_total", "params_active", "params_embedding"} from the config.
+  """{"params_total", "params_active", "params_active_inference", "params_embedding"}.
 
-  params_active may be fractional for routers whose experts per token are an
-  average (Soft MoE, expert choice).
+  params_active (training) and params_active_inference (deterministic=True)
+  may be fractional for routers whose experts per token are an average (Soft
+  MoE, expert choice).
   """
   m, moe = cfg.model, cfg.moe
   d, v = m.d_model, m.vocab_size
@@ -136,6 +159,7 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   n_dense_layers = n_dense + n_periods * (moe.every - 1 if moe.enabled else 0)
   total = active = embedding + d + n_dense_layers * dense_layer
   active -= n_dense_layers * (attn - attn_active)
+  inference = active
   if n_periods:
     router, family = get_router(moe.router), get_family(moe)
     expert = family.param_count(d, moe.expert_hidden)
@@ -145,14 +169,18 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     base = attn + norms + router.param_count(router_moe(moe), d) + shared  # R experts
     total += n_periods * (base + moe.num_experts * expert)
     active += n_periods * (base - attn + attn_active + experts_per_token(cfg) * expert)
+    inference += n_periods * (base - attn + attn_active
+                              + experts_per_token(cfg, inference=True) * expert)
     total += router.shared_param_count(moe, d)
     active += router.shared_param_count(moe, d)
+    inference += router.shared_param_count(moe, d)
   return {"params_total": total, "params_active": active,
-          "params_embedding": embedding}
+          "params_active_inference": inference, "params_embedding": embedding}
 
 
 def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
-  """Training FLOPs per token: 6 * (active non-embedding params + head) + attention.
+  """Training FLOPs per token: training_passes * (6 * (active non-embedding params + head)
+  + attention).
 
   Attention experts are all computed (module docstring): their projections
   count as computed, not active, and each expert has its own scores.
@@ -163,5 +191,5 @@ def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
   matmul_params = (c["params_active"] - c["params_embedding"] + m.vocab_size * m.d_model
                    + m.num_layers * (attn_computed - attn_active))
   heads = max(m.get("attn_experts", 0), 1)
-  return (6.0 * matmul_params
-          + 6.0 * m.num_layers * cfg.train.seq_len * attention_width(m) * heads)
+  return training_passes(cfg) * (
+      6.0 * matmul_params + 6.0 * m.num_layers * cfg.train.seq_len * attention_width(m) * heads)

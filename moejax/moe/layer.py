@@ -6,7 +6,9 @@ num_shared_experts (dense experts of the same family every token uses,
 DeepSeekMoE; one FFN of width `shared_hidden`, default num_shared_experts *
 expert_hidden, optionally scaled per token by a sigmoid gate, `shared_gate`,
 Qwen2-MoE), balance / aux_loss_weight / z_loss_weight and the router's
-and the family's own options under `moe.<name>`. A router returning a
+and the family's own options under `moe.<name>`; layer-level auxiliary
+losses on any router: `moe.router_entropy` (moejax/moe/router_entropy.py)
+and `moe.erc` (moejax/moe/erc.py). A router returning a
 `SoftAssignment` (soft) is applied by the soft dispatcher whatever
 `moe.dispatch` is, and reports load 1/E per expert and E experts per token.
 
@@ -21,7 +23,8 @@ calibration counts are over the experts (after the map). A fresh model's map
 is contiguous near-equal groups (`default_map`).
 
 What the layer reports is declared: `aux_losses(cfg)` (the balancing losses
-of `moe.balance`, the z-loss and the router's own) and `metric_schema(cfg)`
+of `moe.balance`, the z-loss, the router-entropy and ERC losses when on, and
+the router's own) and `metric_schema(cfg)`
 (`LAYER_METRICS` plus the router's), so nothing downstream keeps a list.
 """
 
@@ -38,7 +41,9 @@ import ml_collections
 from moejax.aux_losses import AuxLoss
 from moejax.checks import ConfigError, choice, fail, positive, positive_int, reraise
 from moejax.layers import DTYPES
+from moejax.moe import erc as erc_lib
 from moejax.moe import losses as moe_losses
+from moejax.moe import router_entropy
 from moejax.moe import metrics as moe_metrics
 from moejax.moe import experts as expert_families
 from moejax.moe.dispatch import DISPATCHERS, expert_parallel, get_dispatcher
@@ -119,6 +124,7 @@ def aux_losses(cfg: ml_collections.ConfigDict) -> tuple[AuxLoss, ...]:
   balance = tuple(AuxLoss(moe_losses.BALANCE_KINDS[k], "moe.aux_loss_weight")
                   for k in moe_losses.balance_kinds(cfg.moe))
   return (*balance, AuxLoss("z_loss", "moe.z_loss_weight"),
+          *router_entropy.aux_losses(cfg.moe), *erc_lib.aux_losses(cfg.moe),
           *get_router(cfg.moe.router).aux_losses(cfg.moe))
 
 
@@ -166,6 +172,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}" if r ==
          moe.num_experts else f"must be <= moe.num_router_experts={r}")
   reraise(moe_losses.balance_kinds, moe)
+  chosen = get_router(moe.router)
+  router_entropy.check_config(cfg, chosen.returns_probs)
+  erc_lib.check_config(cfg, chosen.expert_embedding(moe) is not None, has_expert_map(moe))
   expert_families.check_config(cfg)
   quantized_experts.check_config(cfg)
   routed = cfg
@@ -244,9 +253,9 @@ class MoELayer(nn.Module):
     x_TxD = x_BxLxD.reshape(b * l, d)
     ids_T = None if token_ids_BxL is None else token_ids_BxL.reshape(b * l)
     router_cls = get_router(cfg.router)
-    route = router_cls(router_moe(cfg), name="router")(
-        x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic,
-        carry=router_carry, shared=shared)
+    router = router_cls(router_moe(cfg), name="router")
+    route = router(x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic,
+                   carry=router_carry, shared=shared)
     assignment = route.assignment
     if has_expert_map(cfg):  # router experts -> (merged) experts
       map_R = self.variable(EXPERT_MAP, "map", default_map, router_experts(cfg),
@@ -306,6 +315,12 @@ class MoELayer(nn.Module):
       metrics.update(moe_metrics.router_metrics(route.probs_TxE))
     if route.logits_TxE is not None:
       losses["z_loss"] = moe_losses.router_z_loss(route.logits_TxE)
+    losses.update(router_entropy.layer_losses(cfg, route.probs_TxE))
+    if erc_lib.enabled(cfg):  # the router's embeddings as proxy tokens through the experts
+      emb_ExD = router_cls.expert_embedding(router_moe(cfg))(router.variables["params"])
+      key = None if deterministic else self.make_rng("router")
+      losses[erc_lib.LOSS] = erc_lib.erc_loss(emb_ExD, experts, key, cfg.erc.alpha,
+                                              cfg.erc.noise)
     _check_declared(cfg.router, "metrics", route.metrics,
                     [m.name for m in router_cls.metrics(cfg)])
     _check_declared(cfg.router, "losses", route.losses,

@@ -5,6 +5,10 @@ ConfigError / ValueError before anything compiles); `train(cfg, workdir)`
 runs or resumes the run in `workdir` (its format: docs/architecture.md) and
 returns the summary. With train.distill.teacher set, the step trains against
 that teacher run's logits (moejax/train/distill.py); eval stays the LM loss.
+A router that declares two-pass `consistency` (THOR) gets two forward passes
+of every (micro-)batch under independent "router" rngs: the mean of their
+losses plus the weighted symmetric KL between their predictions
+(moejax/moe/routers/base.py), logged as "train/consistency_loss".
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from moejax.model.transformer import aux_losses as declared_aux_losses
 from moejax.moe import adapters
 from moejax.moe.layer import metric_schema
 from moejax.moe.losses import balance_kinds
+from moejax.moe.routers import get_router
+from moejax.moe.routers.base import Consistency, symmetric_kl
 from moejax.moe.state import update_router_state
 from moejax.parallel import mesh as mesh_lib
 from moejax.parallel.runtime import Placement
@@ -79,6 +85,22 @@ def reduce_metrics(metrics: dict, cfg: ml_collections.ConfigDict, axis: int = 0)
   return {k: schema[k].apply(v, axis) for k, v in metrics.items()}
 
 
+def consistency_of(cfg: ml_collections.ConfigDict) -> Consistency | None:
+  """The chosen router's two-pass consistency declaration (None: one pass per batch)."""
+  if not cfg.moe.enabled:
+    return None
+  return get_router(cfg.moe.router).consistency(cfg.moe)
+
+
+def mean_of_passes(aux_a: dict, aux_b: dict, cfg: ml_collections.ConfigDict) -> dict:
+  """The model aux of two passes over the same batch: losses, state_stats and
+  balance_counts averaged, metrics reduced as each declares."""
+  out = {k: jax.tree.map(lambda a, b: (a + b) / 2, aux_a[k], aux_b[k])
+         for k in aux_a if k != "metrics"}
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), aux_a["metrics"], aux_b["metrics"])
+  return {**out, "metrics": reduce_metrics(stacked, cfg)}
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                     state_shardings: Any = None,
                     teacher: distill_lib.Teacher | None = None):
@@ -87,7 +109,11 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
   With train.distill.teacher set, `teacher` (distill_lib.load_teacher) is
   required: its variables go into every call as a non-donated argument, its
   logits are computed per (micro-)batch, and the step also reports
-  "train/kd_loss" (T^2 * KL, the term alpha weights).
+  "train/kd_loss" (T^2 * KL, the term alpha weights). With a router's
+  `consistency` (THOR), each (micro-)batch runs two passes with independent
+  "router" rngs (one teacher forward for both) and the step reports
+  "train/consistency_loss" (the unweighted symmetric KL); "train/loss" is the
+  passes' mean cross-entropy.
   """
   model = lm.make_model(cfg, deterministic=False)
   schedule = lr_schedule(cfg.train)
@@ -98,19 +124,34 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
                      f"and a teacher {'given' if teacher is not None else 'missing'}; pass "
                      "distill_lib.load_teacher(cfg) exactly when the config names a teacher")
   teacher_logits = None if teacher is None else distill_lib.logits_fn(teacher.cfg)
+  consistency = consistency_of(cfg)
 
-  def loss_fn(params, collections, batch, rng, teacher_vars=None):
-    if frozen_base:  # moe.adapters: no gradient reaches the base model
-      params = adapters.freeze_base(params)
+  def forward(params, collections, batch, rng, t_logits):
+    """(logits, LM loss, cross-entropy, aux) of one pass (aux["kd_loss"] when distilling)."""
     logits, aux = model.apply({"params": params, **collections}, batch["inputs"],
                               rngs={"router": rng})
     ce = cross_entropy(logits, batch["targets"], batch.get("weights"))
     if distill is None:
-      return total_loss(ce, aux, cfg), (ce, aux)
-    kd = distill_lib.kd_loss(logits, teacher_logits(teacher_vars, batch["inputs"]),
-                             distill.temperature, batch.get("weights"))
-    lm_loss = distill_lib.combined_loss(ce, kd, distill.alpha)
-    return total_loss(lm_loss, aux, cfg), (ce, {**aux, "kd_loss": kd})
+      return logits, ce, ce, aux
+    kd = distill_lib.kd_loss(logits, t_logits, distill.temperature, batch.get("weights"))
+    return logits, distill_lib.combined_loss(ce, kd, distill.alpha), ce, {**aux, "kd_loss": kd}
+
+  def loss_fn(params, collections, batch, rng, teacher_vars=None):
+    if frozen_base:  # moe.adapters: no gradient reaches the base model
+      params = adapters.freeze_base(params)
+    t_logits = None if distill is None else teacher_logits(teacher_vars, batch["inputs"])
+    if consistency is None:
+      _, lm_loss, ce, aux = forward(params, collections, batch, rng, t_logits)
+      return total_loss(lm_loss, aux, cfg), (ce, aux)
+    # Two passes, independent "router" rngs (THOR: independent random experts).
+    rng_a, rng_b = jax.random.split(rng)
+    logits_a, lm_a, ce_a, aux_a = forward(params, collections, batch, rng_a, t_logits)
+    logits_b, lm_b, ce_b, aux_b = forward(params, collections, batch, rng_b, t_logits)
+    sym = symmetric_kl(logits_a, logits_b, batch.get("weights"))
+    aux = mean_of_passes(aux_a, aux_b, cfg)
+    aux["consistency_loss"] = sym
+    lm_loss = (lm_a + lm_b) / 2 + consistency.weight_value(cfg) * sym
+    return total_loss(lm_loss, aux, cfg), ((ce_a + ce_b) / 2, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   n = cfg.train.grad_accum_steps
@@ -151,8 +192,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     sum0 = lambda t: jax.tree.map(lambda v: jnp.sum(v, axis=0), t)
     aux = {"losses": mean0(auxs["losses"]), "metrics": reduce_metrics(auxs["metrics"], cfg),
            "state_stats": sum0(auxs["state_stats"])}
-    if "kd_loss" in auxs:  # distillation: equal micro-batches, so the mean is the batch's
-      aux["kd_loss"] = jnp.mean(auxs["kd_loss"])
+    for key in ("kd_loss", "consistency_loss"):  # equal micro-batches: the mean is the batch's
+      if key in auxs:
+        aux[key] = jnp.mean(auxs[key])
     return (jnp.mean(ls), (jnp.mean(ces), aux)), jax.tree.map(lambda g: g / n, grads)
 
   def step_fn(state: State, batch: dict, teacher_vars=None) -> tuple[State, dict]:
@@ -177,8 +219,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     metrics = {"train/loss": ce, "train/total_loss": loss, "train/grad_norm": grad_norm,
                "train/lr": schedule(state["step"]),
                "train/skipped_steps": new_state["skipped_steps"]}
-    if "kd_loss" in aux:
-      metrics["train/kd_loss"] = aux["kd_loss"]
+    for key in ("kd_loss", "consistency_loss"):
+      if key in aux:
+        metrics[f"train/{key}"] = aux[key]
     for k, v in aux["losses"].items():  # unweighted, summed over the layers reporting it
       metrics[f"train/{k}"] = jnp.sum(v)
     specs = declared_aux_losses(cfg)
@@ -445,12 +488,14 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
       "final_val_bpb": last_eval["val/bpb"],
       "params_total": counts["params_total"],
       "params_active": counts["params_active"],
-      "flops_per_token": lm.flops_per_token(cfg),
+      "flops_per_token": lm.flops_per_token(cfg),  # per training token, every pass
       "tokens_seen": int(step) * tokens_per_step,
       "steps": int(step),
       "wall_seconds": wall,
       "tokens_per_second": int(step) * tokens_per_step / max(wall, 1e-9),
   }
+  if counts["params_active_inference"] != counts["params_active"]:  # THOR: plain runs unchanged
+    summary["params_active_inference"] = counts["params_active_inference"]
   summary.update(init_hooks.summary_fields(cfg, state["params"]))
   if teacher is not None:  # plain runs keep their summary unchanged
     summary.update(distill_teacher=teacher.run_dir, distill_teacher_step=teacher.step)

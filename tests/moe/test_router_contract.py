@@ -6,6 +6,8 @@ many assignment slots it marks valid. Checks: assignment shapes, dtypes and
 ranges; weights non-negative and finite; the valid-slot rule; parameter
 count; gradients reach every router parameter; jit; every dispatcher agrees
 with `dense`; the declared metrics, losses and state are what it reports;
+probabilities exactly when it declares `returns_probs`; the declared
+per-expert embedding (`expert_embedding`) is [E, D] on its params;
 decoder causality inside the model's layer scan as the router declares it
 (`is_causal`: the expert-choice "batch" grouping is asserted NOT causal);
 and `decode_refusal`: a router that accepts decoding routes every token
@@ -39,6 +41,14 @@ def _topk_picks(probs_TxE, k):
   return np.argsort(-np.asarray(probs_TxE, np.float64), axis=1, kind="stable")[:, :k]
 
 
+def _thor_count(cfg, out, b, l):
+  """Every slot is live: T * k in training, T * E ("average") or T ("single") at eval."""
+  n = out.assignment.num_slots
+  assert n in (b * l * cfg.top_k, b * l * (cfg.num_experts if cfg.thor.inference == "average"
+                                           else 1)), n
+  return n
+
+
 def _top_p_count(cfg, probs_TxE):
   n = 0
   for row in np.asarray(probs_TxE, np.float64):
@@ -61,6 +71,7 @@ VALID_RULES = {
         np.sum(_topk_picks(out.probs_TxE, cfg.top_k) < cfg.num_experts)),
     "top_p": lambda cfg, out, b, l: _top_p_count(cfg, out.probs_TxE),
     "sigmoid_bias": lambda cfg, out, b, l: b * l * cfg.top_k,
+    "thor": _thor_count,
     "recurrent": lambda cfg, out, b, l: b * l * cfg.top_k,
     # Every positive gate, less the overflow past relu.max_k.
     "relu": lambda cfg, out, b, l: round(float(out.state_stats["active"])
@@ -75,6 +86,7 @@ VARIANTS = {
     "topk": [{"topk.noise": "gaussian"}],
     "group_limited": [{"group_limited.mode": "balanced"}],
     "expert_choice": [{"expert_choice.group": "batch"}],
+    "thor": [{"thor.inference": "single"}],
     "sigmoid_bias": [{"sigmoid_bias.num_groups": 2, "sigmoid_bias.top_groups": 1,
                       "sigmoid_bias.renormalize": False}],
 }
@@ -214,6 +226,12 @@ def test_router_contract(name, overrides):
   # A lone router holds its shared params too.
   assert sum(p.size for p in jax.tree.leaves(router_params)) == \
       cls.param_count(cfg, D) + cls.shared_param_count(cfg, D)
+  embedding = cls.expert_embedding(cfg)
+  if embedding is not None:
+    emb = embedding(router_params)
+    assert emb.shape == (E, D) and emb.dtype == jnp.float32
+  for out in alone:
+    assert (out.probs_TxE is not None) == cls.returns_probs
   # What it reports is what it declares (the layer also checks this at trace time).
   for out in alone:
     assert sorted(out.metrics) == sorted(m.name for m in cls.metrics(cfg))
@@ -226,7 +244,8 @@ def test_router_contract(name, overrides):
                           jax.random.key(0))
   state = shapes.get("moe_state", {}).get("router", {})
   assert sorted(state) == sorted(cls.state_names(cfg))
-  for flag in (cls.choice_major_slots, cls.uses_carry, cls.adaptive, cls.pool_stats_over_layers):
+  for flag in (cls.choice_major_slots, cls.uses_carry, cls.adaptive, cls.pool_stats_over_layers,
+               cls.returns_probs):
     assert isinstance(flag, bool)
 
   y_dense = np.asarray(outs["dense"][0])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from moejax.checks import choice
 from moejax.moe.experts.base import (ExpertFamily, Experts, ExpertWeights, Leaf,
-                                     SharedExperts, expert_specs, group_of_rows)
+                                     SharedExperts, expert_specs, group_of_rows, row_norms)
 from moejax.moe.experts.mlp import MLPExperts
 from moejax.moe.experts.swiglu import SwiGLUExperts
 
@@ -47,4 +47,4 @@ register(MLPExperts)
 __all__ = ["FAMILIES", "ExpertFamily", "ExpertWeights", "Experts", "Leaf", "MLPExperts",
            "SharedExperts", "SwiGLUExperts",
            "check_config", "expert_specs", "family_class", "get_family", "group_of_rows",
-           "register"]
+           "register", "row_norms"]

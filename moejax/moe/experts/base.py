@@ -10,7 +10,10 @@ the experts to
 - rows sorted by expert with group sizes (`grouped`: the dropless
   dispatcher and expert-parallel dropless, where the weights hold experts
   [group_offset, group_offset + E_local) of the group sizes);
-- tokens through one expert without the E axis (`dense`: shared experts).
+- tokens through one expert without the E axis (`dense`: shared experts);
+- inputs through every expert's input projection (`activation_norms`: the
+  norm of the hidden pre-activation that the expert's nonlinearity reads,
+  for the ERC loss, moejax/moe/erc.py).
 
 Everything else reads the declaration and names no weight: the `Experts`
 module creates the leaves, dispatchers get `ExpertWeights` (weights bound to
@@ -120,6 +123,15 @@ class ExpertFamily(abc.ABC):
     `scale_A` (optional) multiplies each row's result.
     """
 
+  @abc.abstractmethod
+  def activation_norms(self, w: dict, x_NxD: jax.Array, dtype) -> jax.Array:
+    """[N, E] float32: the L2 norm over F of input n's hidden pre-activation in expert e.
+
+    The pre-activation is the output of the expert's input projection that
+    its nonlinearity reads (SwiGLU: x W_gate; MLP: x W_in + b_in), before the
+    nonlinearity; every input goes through every expert.
+    """
+
   def dense(self, w: dict, x_TxD: jax.Array, dtype) -> jax.Array:
     """One expert (leaves without the E axis) on every token: [T, D] -> [T, D] float32."""
     w_E = {k: jnp.expand_dims(v, self.leaves()[k].expert_axis) for k, v in w.items()}
@@ -163,6 +175,9 @@ class ExpertWeights:
   def batched(self, x_ExCxD: jax.Array) -> jax.Array:
     return self.family.batched(self.w, x_ExCxD, self.dtype)
 
+  def activation_norms(self, x_NxD: jax.Array) -> jax.Array:
+    return self.family.activation_norms(self.w, x_NxD, self.dtype)
+
   def grouped(self, x_AxD: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
               group_offset: Any = None, scale_A: jax.Array | None = None) -> jax.Array:
     return self.family.grouped(self.w, x_AxD, group_sizes, self.dtype, backend=backend,
@@ -200,6 +215,12 @@ class SharedExperts(nn.Module):
     w = {name: self.param(name, leaf.initializer(d, f, self.out_scale), leaf.shape(None, d, f))
          for name, leaf in self.family.leaves().items()}
     return self.family.dense(w, x_TxD, self.dtype)
+
+
+def row_norms(h_NxExF: jax.Array) -> jax.Array:
+  """[N, E] L2 norms over the last axis, float32 (a zero row has norm 0 and gradient 0)."""
+  s = jnp.sum(jnp.square(h_NxExF.astype(jnp.float32)), axis=-1)
+  return jnp.where(s > 0, jnp.sqrt(jnp.where(s > 0, s, 1.0)), 0.0)
 
 
 def group_of_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:

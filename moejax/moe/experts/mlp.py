@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from moejax.checks import choice
 from moejax.layers import dot
-from moejax.moe.experts.base import ExpertFamily, Leaf, group_of_rows
+from moejax.moe.experts.base import ExpertFamily, Leaf, group_of_rows, row_norms
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -91,6 +91,13 @@ class MLPExperts(ExpertFamily):
     if scale_A is not None:
       y = y * scale_A[:, None].astype(f32)
     return y
+
+  def activation_norms(self, w: dict, x_NxD: jax.Array, dtype) -> jax.Array:
+    """||x W_in^e + b_in^e||: the input projection, what the activation reads."""
+    h = dot("nd,edf->nef", x_NxD, w["w_in"], dtype)
+    if self.bias:
+      h = h + w["b_in"][None]
+    return row_norms(h)
 
   def dense(self, w: dict, x_TxD: jax.Array, dtype) -> jax.Array:
     act = ACTIVATIONS[self.activation]

@@ -37,7 +37,9 @@ then 4, then 2 bits; within a class by ascending expert index). `QuantizedExpert
 dequantizes the whole layer inside the scanned layer (one layer's dense
 expert weights exist at a time), gathers them into expert order and returns
 ordinary `ExpertWeights` in the compute dtype, so every dispatcher and
-family runs unchanged. A fresh quantized model's experts are its float
+family runs unchanged (the ERC loss, moejax/moe/erc.py, measures the same
+dequantized weights through the family's `activation_norms`; no gradient
+reaches the codes, which are not parameters). A fresh quantized model's experts are its float
 initialisation quantized, slot = identity. Expert parallelism and the init
 sources that write float experts (init.from_dense, init.grow_from) are
 refused by config key.

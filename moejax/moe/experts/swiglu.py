@@ -17,7 +17,7 @@ import jax
 
 import pallas_kernels
 from moejax.layers import dot, swiglu
-from moejax.moe.experts.base import ExpertFamily, Leaf
+from moejax.moe.experts.base import ExpertFamily, Leaf, row_norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,10 @@ class SwiGLUExperts(ExpertFamily):
     return pallas_kernels.grouped_swiglu(
         x_AxD, w["w_gate"], w["w_up"], w["w_down"], group_sizes, scale=scale_A,
         compute_dtype=dtype, group_offset=group_offset, backend=backend)
+
+  def activation_norms(self, w: dict, x_NxD: jax.Array, dtype) -> jax.Array:
+    """||x W_gate^e||: the gate projection, what the SiLU reads."""
+    return row_norms(dot("nd,edf->nef", x_NxD, w["w_gate"], dtype))
 
   def dense(self, w: dict, x_TxD: jax.Array, dtype) -> jax.Array:
     return swiglu(x_TxD, w["w_gate"], w["w_up"], w["w_down"], dtype)

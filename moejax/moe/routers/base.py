@@ -12,10 +12,21 @@ properties
                        scan carry; `init_carry`, `make_shared`)
   adaptive             the number of experts per token varies
   pool_stats_over_layers  `update_state` gets stats summed over MoE layers
+  returns_probs        `probs_TxE` is not None (the balancing losses, the
+                       router-entropy loss and the entropy metrics need it)
   is_causal(cfg)       a decoder's position t never sees later tokens
   decode_refusal(cfg)  None if it routes one token at a time exactly as in
                        training (so it can decode with a KV cache); else
                        the reason it cannot
+training
+  consistency(cfg_moe) None, or a `Consistency`: the trainer runs two
+                       forward passes of each batch under independent
+                       "router" rngs, takes the mean of their losses and
+                       adds its weight key's value times `symmetric_kl` of
+                       the two passes' next-token distributions (THOR)
+  expert_embedding(cfg_moe)  None, or params -> [E, D]: each expert's
+                       embedding in the token space, read from the router's
+                       params (the ERC loss's proxy tokens, moejax/moe/erc.py)
 declared outputs
   metrics(cfg_moe)     `Metric`s it adds to the layer's metrics
   aux_losses(cfg_moe)  `AuxLoss`es it reports (unweighted; the weight is a
@@ -26,14 +37,16 @@ state
                        each optimizer step, from `state_stats` summed over
                        the global batch (moejax/moe/state.py)
 counting and config
-  param_count, shared_param_count, experts_per_token, check_config
+  param_count, shared_param_count, experts_per_token (training),
+  inference_experts_per_token (deterministic=True), check_config
 The layer checks at trace time that a router returns exactly the metrics and
 losses it declares.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import flax.struct
@@ -41,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.aux_losses import AuxLoss
+from moejax.checks import lookup
 from moejax.layers import fan_in_init
 from moejax.moe.metrics import Metric
 from moejax.moe.types import Assignment, SoftAssignment
@@ -72,6 +86,36 @@ class RouterOutput:
   carry: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Consistency:
+  """A router's training-time behaviour: two forward passes and a consistency loss.
+
+  The trainer runs each (micro-)batch through the model twice, with
+  independent "router" rngs (so a stochastic router routes the passes
+  independently); the language-model loss is the mean of the two passes'
+  losses (cross-entropy, or the distillation loss) plus the value of config
+  key `weight` times `symmetric_kl` between the passes' next-token
+  distributions. Auxiliary losses and metrics are the passes' means.
+  """
+
+  weight: str  # dotted config key of the symmetric KL's weight
+
+  def weight_value(self, cfg) -> float:
+    return float(lookup(cfg, self.weight))
+
+
+def symmetric_kl(logits_a_BxLxV: jax.Array, logits_b_BxLxV: jax.Array,
+                 weights_BxL: jax.Array | None = None) -> jax.Array:
+  """(KL(p_a || p_b) + KL(p_b || p_a)) / 2 per token, mean over tokens (weighted mean with
+  weights), float32 nats; p = softmax(logits)."""
+  log_a = jax.nn.log_softmax(logits_a_BxLxV.astype(jnp.float32), axis=-1)
+  log_b = jax.nn.log_softmax(logits_b_BxLxV.astype(jnp.float32), axis=-1)
+  sym_BxL = 0.5 * jnp.sum((jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b), axis=-1)
+  if weights_BxL is None:
+    return jnp.mean(sym_BxL)
+  return jnp.sum(sym_BxL * weights_BxL) / jnp.sum(weights_BxL)
+
+
 class Router(nn.Module):
   """Base of the router modules: holds the `moe` config and the contract's defaults."""
 
@@ -81,6 +125,24 @@ class Router(nn.Module):
   uses_carry: ClassVar[bool] = False
   adaptive: ClassVar[bool] = False
   pool_stats_over_layers: ClassVar[bool] = False
+  returns_probs: ClassVar[bool] = True
+
+  @classmethod
+  def consistency(cls, cfg_moe) -> Consistency | None:
+    """The two-pass consistency training it needs (the `moe` config), or None."""
+    del cfg_moe
+    return None
+
+  @classmethod
+  def expert_embedding(cls, cfg_moe) -> Callable[[dict], jax.Array] | None:
+    """params -> [E, D] float32 per-expert embeddings in the token space, or None.
+
+    Default: the columns of the linear gate `w_gate` [D, >= E] (`gate_logits`;
+    the first E, so null experts' extra columns are left out). Routers
+    without a linear gate over the experts return None.
+    """
+    e = cfg_moe.num_experts
+    return lambda params: params["w_gate"][:, :e].T.astype(jnp.float32)
 
   @classmethod
   def is_causal(cls, cfg) -> bool:
@@ -124,8 +186,15 @@ class Router(nn.Module):
 
   @classmethod
   def experts_per_token(cls, cfg) -> float:
-    """Expert applications per token (full config): top_k unless the router says otherwise."""
+    """Expert applications per token in training (full config): top_k unless the router
+    says otherwise."""
     return cfg.moe.top_k
+
+  @classmethod
+  def inference_experts_per_token(cls, cfg) -> float:
+    """Expert applications per token with deterministic=True (full config): as in training
+    unless the router routes differently there (THOR)."""
+    return cls.experts_per_token(cfg)
 
   @classmethod
   def init_carry(cls, num_tokens: int, cfg_moe) -> Any:

@@ -74,6 +74,13 @@ def hash_route(ids_T: jax.Array, num_experts: int, k: int, seed: int) -> Assignm
 class HashRouter(Router):
   """`hash_route` on the token ids; holds no parameters."""
 
+  returns_probs = False
+
+  @classmethod
+  def expert_embedding(cls, cfg_moe):
+    del cfg_moe
+    return None  # no gate: nothing represents an expert in the token space
+
   @classmethod
   def param_count(cls, cfg_moe: ml_collections.ConfigDict, d_model: int) -> int:
     return 0

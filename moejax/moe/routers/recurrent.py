@@ -78,6 +78,11 @@ class RecurrentRouter(Router):
     }
 
   @classmethod
+  def expert_embedding(cls, cfg_moe):
+    del cfg_moe
+    return None  # its logits read the GRU state, not a linear gate on the token
+
+  @classmethod
   def param_count(cls, cfg: ml_collections.ConfigDict, d_model: int) -> int:
     """Router parameters per MoE layer (w_in, w_out; not the shared GRU)."""
     r = cfg.recurrent.hidden

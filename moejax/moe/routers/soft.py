@@ -69,6 +69,11 @@ class SoftRouter(Router):
             "the model was trained with")
 
   @classmethod
+  def expert_embedding(cls, cfg_moe):
+    del cfg_moe
+    return None  # its parameters embed slots (slots_per_expert each), not experts
+
+  @classmethod
   def check_config(cls, cfg, chosen: bool) -> None:
     del chosen
     positive(cfg, "moe.soft.slots_per_expert")

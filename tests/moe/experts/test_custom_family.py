@@ -55,6 +55,9 @@ class GainLowRank(ex.ExpertFamily):
       gain = gain * scale_A
     return y * gain[:, None]
 
+  def activation_norms(self, w: dict, x_NxD: jax.Array, dtype) -> jax.Array:
+    return ex.row_norms(dot("nd,edf->nef", x_NxD, w["a"], dtype))  # its hidden x A_e
+
 
 ex.register(GainLowRank)
 
