@@ -61,6 +61,8 @@ VALID_RULES = {
         np.sum(_topk_picks(out.probs_TxE, cfg.top_k) < cfg.num_experts)),
     "top_p": lambda cfg, out, b, l: _top_p_count(cfg, out.probs_TxE),
     "sigmoid_bias": lambda cfg, out, b, l: b * l * cfg.top_k,
+    "bip": lambda cfg, out, b, l: b * l * cfg.top_k,
+    "bip_causal": lambda cfg, out, b, l: b * l * cfg.top_k,
     "recurrent": lambda cfg, out, b, l: b * l * cfg.top_k,
     # Every positive gate, less the overflow past relu.max_k.
     "relu": lambda cfg, out, b, l: round(float(out.state_stats["active"])
@@ -76,7 +78,9 @@ VARIANTS = {
     "group_limited": [{"group_limited.mode": "balanced"}],
     "expert_choice": [{"expert_choice.group": "batch"}],
     "sigmoid_bias": [{"sigmoid_bias.num_groups": 2, "sigmoid_bias.top_groups": 1,
-                      "sigmoid_bias.renormalize": False}],
+                      "sigmoid_bias.renormalize": False},
+                     {"sigmoid_bias.update_rule": "proportional",
+                      "sigmoid_bias.schedule": "inv_sqrt"}],
 }
 # Capacity dispatch must drop nothing to equal `dense`: E / k suffices for
 # token-choice routers (each token uses an expert at most once); expert
