@@ -32,6 +32,15 @@ How each router meets that budget:
 Expected result: docs/results/routers.md (validation loss within a few
 percent of each other at this scale; hash last, soft and expert choice
 mixing across the batch).
+
+Balancing variants (not in the routers sweep; docs/routers.md, "Balancing by
+the assignment problem's dual"), all without a balancing loss, k=2 experts
+per token:
+  bip: q solved on every batch (4 dual iterations; not causal);
+  bip_causal: routed with the q solved on the previous steps' batches;
+  alf_decay: sigmoid_bias with the decaying step rate / sqrt(n), rate 1e-2
+      (10x the constant default's first steps, 0.4x by step 600);
+      compare with `sigmoid_bias` (constant rate 1e-3) on moe/layer*/load_cv.
 """
 
 from configs.quickstart import get_config as quickstart
@@ -39,11 +48,13 @@ from configs.quickstart import get_config as quickstart
 ROUTERS = ("topk", "topk_noisy", "expert_choice", "soft", "sigmoid_bias", "group_limited",
            "group_limited_balanced", "recurrent", "relu", "null_experts", "top_p", "hash",
            "thor", "tsallis", "erc")
+BALANCING = ("bip", "bip_causal", "alf_decay")
 
 
 def get_config(name: str = "topk"):
-  if name not in ROUTERS:
-    raise ValueError(f"configs/routers.py:{name}: unknown router variant; allowed: {ROUTERS}")
+  if name not in ROUTERS + BALANCING:
+    raise ValueError(f"configs/routers.py:{name}: unknown router variant; allowed: "
+                     f"{ROUTERS + BALANCING}")
   c = quickstart("moe")
   c.name = f"router-{name}"
   m = c.moe
@@ -69,6 +80,13 @@ def get_config(name: str = "topk"):
   elif name == "top_p":
     m.top_p.p = 0.5
     m.top_p.max_k = 4
+  elif name in ("bip", "bip_causal"):
+    m.aux_loss_weight = 0.0  # the dual offsets q balance the load
+  elif name == "alf_decay":
+    m.router = "sigmoid_bias"
+    m.aux_loss_weight = 0.0
+    m.sigmoid_bias.schedule = "inv_sqrt"
+    m.sigmoid_bias.rate = 1e-2
   elif name == "hash":
     m.aux_loss_weight = 0.0  # nothing to balance: the hash fixes the routing
     m.z_loss_weight = 0.0

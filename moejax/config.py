@@ -155,11 +155,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.hash = ml_collections.ConfigDict()
   c.moe.hash.seed = 0
   c.moe.sigmoid_bias = ml_collections.ConfigDict()
-  c.moe.sigmoid_bias.rate = 1e-3  # bias step per optimizer step
+  c.moe.sigmoid_bias.rate = 1e-3  # bias step per optimizer step (the first one if decaying)
   c.moe.sigmoid_bias.routed_scaling = 1.0
   c.moe.sigmoid_bias.renormalize = True  # weights = scores / their sum over the k (x routed_scaling)
   c.moe.sigmoid_bias.num_groups = 1  # > 1: group-limited selection (DeepSeek-V3 n_group)
   c.moe.sigmoid_bias.top_groups = 1  # groups kept per token (DeepSeek-V3 topk_group)
+  # Bias update direction: "sign" (rate * sign(mean load - load), DeepSeek) or
+  # "proportional" (rate * (mean load - load) / mean load: the dual gradient step).
+  c.moe.sigmoid_bias.update_rule = "sign"
+  # Step size of the n-th update: "constant" (rate), "inv_sqrt" (rate / sqrt(n)), "inv" (rate / n).
+  c.moe.sigmoid_bias.schedule = "constant"
+  c.moe.bip = ml_collections.ConfigDict()  # "bip" and "bip_causal" (moejax/moe/routers/bip.py)
+  c.moe.bip.iterations = 4  # alternating dual updates of p [T] and q [E] per batch
+  c.moe.bip.capacity_factor = 1.0  # >= 1: expert capacity C = ceil(capacity_factor * top_k * T / E)
+  c.moe.bip.renormalize = True  # weights = scores of the k / their sum (False: the softmax scores)
   c.moe.relu = ml_collections.ConfigDict()
   c.moe.relu.max_k = 4  # slots per token; more positive gates overflow
   c.moe.relu.l1_init = 1e-8  # initial L1 coefficient lambda

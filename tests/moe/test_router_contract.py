@@ -72,6 +72,8 @@ VALID_RULES = {
     "top_p": lambda cfg, out, b, l: _top_p_count(cfg, out.probs_TxE),
     "sigmoid_bias": lambda cfg, out, b, l: b * l * cfg.top_k,
     "thor": _thor_count,
+    "bip": lambda cfg, out, b, l: b * l * cfg.top_k,
+    "bip_causal": lambda cfg, out, b, l: b * l * cfg.top_k,
     "recurrent": lambda cfg, out, b, l: b * l * cfg.top_k,
     # Every positive gate, less the overflow past relu.max_k.
     "relu": lambda cfg, out, b, l: round(float(out.state_stats["active"])
@@ -88,7 +90,9 @@ VARIANTS = {
     "expert_choice": [{"expert_choice.group": "batch"}],
     "thor": [{"thor.inference": "single"}],
     "sigmoid_bias": [{"sigmoid_bias.num_groups": 2, "sigmoid_bias.top_groups": 1,
-                      "sigmoid_bias.renormalize": False}],
+                      "sigmoid_bias.renormalize": False},
+                     {"sigmoid_bias.update_rule": "proportional",
+                      "sigmoid_bias.schedule": "inv_sqrt"}],
 }
 # Capacity dispatch must drop nothing to equal `dense`: E / k suffices for
 # token-choice routers (each token uses an expert at most once); expert

@@ -1,4 +1,4 @@
-"""Auxiliary-loss-free sigmoid router: routing math, bias updates, trainer wiring."""
+"""Auxiliary-loss-free sigmoid router: routing math, bias updates and their schedules, trainer."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
+from moejax import model as lm
+from moejax.checks import ConfigError
 from moejax.config import default_config
 from moejax.moe import MoELayer
-from moejax.moe.routers.sigmoid_bias import sigmoid_bias_route, update_bias
+from moejax.moe.routers.sigmoid_bias import (SCHEDULES, UPDATES, SigmoidBiasRouter,
+                                             sigmoid_bias_route, step_size, update_bias)
 from moejax.train import trainer
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import make_optimizer
+from moejax.validation import validate
 from tests.conftest import tiny_config
 
 L3, L9 = math.log(3.0), math.log(9.0)  # sigmoid: 0.75, 0.9; negated: 0.25, 0.1
@@ -274,3 +279,140 @@ def test_layer_reads_group_options():
   logits = np.asarray(x).reshape(6, 8) @ np.asarray(variables["params"]["router"]["w_gate"])
   e_ref, _ = _ref_route(logits, np.arange(6.0) * 0.1, 2, 2.0, False, 3, 1)
   np.testing.assert_array_equal(counts, np.bincount(e_ref.ravel(), minlength=6))
+
+
+# --- the primal-dual reading: update rules and step-size schedules -----------------------
+
+def _sb_moe(**opts):
+  c = default_config().moe
+  c.router, c.num_experts, c.top_k, c.expert_hidden, c.dispatch = (
+      "sigmoid_bias", 4, 2, 8, "dense")
+  for key, value in opts.items():
+    c.sigmoid_bias[key] = value
+  return ml_collections.FrozenConfigDict(c)
+
+
+def _rule_before_schedules(bias, counts, rate):
+  """bias + rate * sign(mean load - load) in NumPy float32: the update every run had so far."""
+  counts = np.asarray(counts, np.float32)
+  return np.asarray(bias, np.float32) + np.float32(rate) * np.sign(counts.mean() - counts)
+
+
+def test_default_update_is_unchanged_exactly():
+  cfg = _sb_moe()
+  assert cfg.sigmoid_bias.update_rule == "sign" and cfg.sigmoid_bias.schedule == "constant"
+  cls = SigmoidBiasRouter
+  assert cls.state_names(cfg) == ("bias",)
+  layer = MoELayer(cfg)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  assert set(layer.init(jax.random.key(1), x)["moe_state"]["router"]) == {"bias"}
+  rng = np.random.default_rng(0)
+  state = {"bias": jnp.asarray(rng.standard_normal(4) * 0.01, jnp.float32)}
+  want = np.asarray(state["bias"])
+  update = jax.jit(lambda s, st: cls.update_state(s, st, cfg))
+  for _ in range(20):
+    counts = rng.integers(0, 9, 4).astype(np.float32)
+    state = update(state, {"counts": jnp.asarray(counts)})
+    want = _rule_before_schedules(want, counts, cfg.sigmoid_bias.rate)
+    np.testing.assert_array_equal(np.asarray(state["bias"]), want)
+  assert set(state) == {"bias"}
+
+
+def _ref_updates(counts_NxE, rate, rule, schedule):
+  """The bias after each update n = 1..N, in NumPy float64."""
+  bias = np.zeros(counts_NxE.shape[1])
+  for n, counts in enumerate(counts_NxE.astype(np.float64), start=1):
+    step = rate * {"constant": 1.0, "inv_sqrt": 1 / np.sqrt(n), "inv": 1 / n}[schedule]
+    mean = counts.mean()
+    bias = bias + step * (np.sign(mean - counts) if rule == "sign" else (mean - counts) / mean)
+  return bias
+
+
+@settings(derandomize=True, deadline=None, max_examples=20)
+@given(rule=st.sampled_from(UPDATES), schedule=st.sampled_from(SCHEDULES),
+       rate=st.sampled_from([1e-3, 0.05, 0.5]), steps=st.integers(1, 8),
+       seed=st.integers(0, 2**16))
+def test_rules_and_schedules_match_reference(rule, schedule, rate, steps, seed):
+  cfg = _sb_moe(update_rule=rule, schedule=schedule, rate=rate)
+  cls = SigmoidBiasRouter
+  assert cls.state_names(cfg) == (("bias",) if schedule == "constant" else ("bias", "updates"))
+  counts = np.random.default_rng(seed).integers(1, 20, (steps, 4))
+  state = {"bias": jnp.zeros(4)}
+  if schedule != "constant":
+    state["updates"] = jnp.zeros((), jnp.int32)
+  for row in counts:
+    state = cls.update_state(state, {"counts": jnp.asarray(row, jnp.float32)}, cfg)
+  np.testing.assert_allclose(np.asarray(state["bias"]), _ref_updates(counts, rate, rule, schedule),
+                             rtol=1e-5, atol=1e-7)
+  if schedule != "constant":
+    assert state["updates"].dtype == jnp.int32 and int(state["updates"]) == steps
+
+
+def test_proportional_rule_and_step_sizes_hand_computed():
+  # counts [2 3 3], mean 8/3: relative errors (8/3 - c) / (8/3) = [1/4, -1/8, -1/8].
+  np.testing.assert_allclose(update_bias(jnp.zeros(3), jnp.array([2.0, 3, 3]), 0.1,
+                                         "proportional"), [0.025, -0.0125, -0.0125], rtol=1e-6)
+  np.testing.assert_allclose([float(step_size(0.2, n, "inv_sqrt")) for n in (1, 4, 16)],
+                             [0.2, 0.1, 0.05], rtol=1e-6)
+  np.testing.assert_allclose([float(step_size(0.2, n, "inv")) for n in (1, 4, 16)],
+                             [0.2, 0.05, 0.0125], rtol=1e-6)
+  assert float(step_size(0.2, 7, "constant")) == np.float32(0.2)
+  # The second update (one stored) with the 1/n schedule: half the rate.
+  cfg = _sb_moe(update_rule="sign", schedule="inv", rate=0.1)
+  new = SigmoidBiasRouter.update_state({"bias": jnp.zeros(3), "updates": jnp.asarray(1)},
+                                       {"counts": jnp.array([2.0, 3, 3])}, cfg)
+  np.testing.assert_allclose(new["bias"], [0.05, -0.05, -0.05], rtol=1e-6)
+  assert int(new["updates"]) == 2
+
+
+@pytest.mark.parametrize("rule,schedule,rate", [("sign", "inv_sqrt", 0.05),
+                                                ("proportional", "constant", 5e-3),
+                                                ("proportional", "inv_sqrt", 0.05)])
+def test_other_rules_balance_skewed_load(rule, schedule, rate):
+  """Like the default rule (test_bias_updates_balance_skewed_load): 300 updates bring the
+  load CV below 1/4 of its start."""
+  t, e, k, steps = 512, 8, 2, 300
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.standard_normal((t, e)) + np.linspace(2.5, -2.5, e), jnp.float32)
+  cfg = _sb_moe(update_rule=rule, schedule=schedule, rate=rate)
+
+  def counts_of(bias):
+    return sigmoid_bias_route(logits, bias, k)[0].expert_counts(e)
+
+  def step(_, s):
+    return SigmoidBiasRouter.update_state(s, {"counts": counts_of(s["bias"])}, cfg)
+
+  state = {"bias": jnp.zeros(e)}
+  if schedule != "constant":
+    state["updates"] = jnp.zeros((), jnp.int32)
+  final = jax.jit(lambda s: jax.lax.fori_loop(0, steps, step, s))(state)
+  cv0, cv1 = _cv(counts_of(jnp.zeros(e))), _cv(counts_of(final["bias"]))
+  assert cv1 < cv0 / 4, (cv0, cv1)
+
+
+def test_layer_and_trainer_keep_the_update_count(tmp_path):
+  cfg = tiny_config(router="sigmoid_bias")
+  cfg.moe.sigmoid_bias.update_rule, cfg.moe.sigmoid_bias.schedule = "proportional", "inv"
+  cfg.moe.sigmoid_bias.rate = 0.05
+  cfg.train.steps = cfg.train.checkpoint_every = cfg.train.eval_every = 3
+  cfg.train.warmup_steps, cfg.train.log_every, cfg.train.eval_batches = 1, 3, 1
+  variables = jax.eval_shape(lambda key: lm.init(key, cfg), jax.random.key(0))
+  node = variables["moe_state"]["moe_layers"]["block0"]["moe"]["router"]
+  assert node["updates"].shape == (2,) and node["updates"].dtype == jnp.int32
+  workdir = str(tmp_path)
+  trainer.train(cfg, workdir)
+  ckpt = Checkpointer(workdir, 3)
+  _, state, _ = ckpt.restore_latest(trainer.init_state(cfg, make_optimizer(cfg.train)))
+  ckpt.close()
+  router = state["collections"]["moe_state"]["moe_layers"]["block0"]["moe"]["router"]
+  np.testing.assert_array_equal(np.asarray(router["updates"]), [3, 3])
+  assert np.all(np.isfinite(router["bias"])) and np.linalg.norm(router["bias"]) > 0
+
+
+@pytest.mark.parametrize("key,value", [("update_rule", "adam"), ("schedule", "cosine")])
+def test_bad_rule_or_schedule_is_rejected(key, value):
+  cfg = default_config()
+  cfg.moe.router = "sigmoid_bias"
+  cfg.moe.sigmoid_bias[key] = value
+  with pytest.raises(ConfigError, match=rf"moe.sigmoid_bias.{key}='{value}' .*allowed: \["):
+    validate(cfg)

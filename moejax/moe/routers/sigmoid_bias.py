@@ -12,9 +12,23 @@ expert), and each token picks its k experts by biased score among its
 (-inf, as in DeepSeek's inference code and transformers' DeepseekV3
 router). The per-expert bias [E] is not trained:
 it lives in the "moe_state" collection and after every optimizer step moves
-by `rate` towards balance, bias_i += rate * sign(mean load - load_i), with
+towards balance, by default bias_i += rate * sign(mean load - load_i), with
 loads counted over the whole global batch (moejax.moe.state). It only
 changes which experts are picked, never the output weights or gradients.
+
+The primal-dual reading (Han & Zhong 2025, "A Theoretical Framework for
+Auxiliary-Loss-Free Load Balancing of Sparse Mixture-of-Experts in
+Large-Scale AI Models", arXiv:2512.03915): the bias is the dual variable of
+the per-expert load constraints of the assignment problem max sum s x
+(each token k experts, each expert L = mean load), top-k of s + bias is the
+primal step, and the update is one dual step bias_i += eps_i (L - load_i).
+DeepSeek's rule is the step eps_i = rate / |L - load_i|, i.e. the sign;
+the plain dual (sub)gradient step is `update_rule="proportional"`, bias_i +=
+rate_n * (L - load_i) / L (the load error relative to L, so `rate` does not
+depend on the batch size). The analysis' online regret bound needs step
+sizes that decay with the update count n; `schedule` gives rate_n = rate
+("constant"), rate / sqrt(n) ("inv_sqrt") or rate / n ("inv"), with n =
+1, 2, ... kept as the int32 "moe_state" "updates" (absent with "constant").
 
 `probs_TxE` (the switch balancing loss and the entropy / top-1 metrics) are
 the scores normalised over all experts, scores / sum(scores). DeepSeek-V3
@@ -22,7 +36,8 @@ keeps a tiny complementary balancing loss; set moe.aux_loss_weight = 0 for
 the purely auxiliary-loss-free variant. No z-loss (logits_TxE is None):
 logsumexp has no meaning for independent sigmoid scores.
 
-Options under `moe.sigmoid_bias`: rate (bias update speed), routed_scaling,
+Options under `moe.sigmoid_bias`: rate (bias update speed), update_rule (sign,
+proportional), schedule (constant, inv_sqrt, inv), routed_scaling,
 renormalize, num_groups, top_groups.
 """
 
@@ -35,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.checks import fail, positive, positive_int
+from moejax.checks import choice, fail, positive, positive_int
 from moejax.moe.metrics import Metric
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
@@ -73,10 +88,36 @@ def sigmoid_bias_route(logits_TxE: jax.Array, bias_E: jax.Array, k: int,
   return assignment, probs_TxE
 
 
-def update_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Array:
-  """bias_i + rate * sign(mean load - load_i): underloaded experts move up."""
+UPDATES = ("sign", "proportional")
+SCHEDULES = ("constant", "inv_sqrt", "inv")
+
+
+def update_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float | jax.Array,
+                update: str = "sign") -> jax.Array:
+  """One dual step towards balance: underloaded experts move up.
+
+  "sign": bias_i + rate * sign(mean load - load_i) (DeepSeek);
+  "proportional": bias_i + rate * (mean load - load_i) / mean load.
+  """
   counts_E = counts_E.astype(jnp.float32)
-  return bias_E + rate * jnp.sign(jnp.mean(counts_E) - counts_E)
+  if update == "sign":
+    return bias_E + rate * jnp.sign(jnp.mean(counts_E) - counts_E)
+  if update == "proportional":
+    mean = jnp.mean(counts_E)
+    return bias_E + rate * (mean - counts_E) / jnp.maximum(mean, 1e-12)
+  raise ValueError(f"moe.sigmoid_bias.update_rule={update!r}; allowed: {UPDATES}")
+
+
+def step_size(rate: float, n: jax.Array, schedule: str) -> jax.Array:
+  """float32 step of the n-th update (n = 1, 2, ...) under `schedule`."""
+  n = jnp.asarray(n, jnp.float32)
+  if schedule == "constant":
+    return jnp.full((), rate, jnp.float32)
+  if schedule == "inv_sqrt":
+    return rate / jnp.sqrt(n)
+  if schedule == "inv":
+    return rate / n
+  raise ValueError(f"moe.sigmoid_bias.schedule={schedule!r}; allowed: {SCHEDULES}")
 
 
 @register("sigmoid_bias")
@@ -85,7 +126,7 @@ class SigmoidBiasRouter(Router):
 
   @classmethod
   def state_names(cls, cfg_moe) -> tuple[str, ...]:
-    return ("bias",)
+    return ("bias",) if cfg_moe.sigmoid_bias.schedule == "constant" else ("bias", "updates")
 
   @classmethod
   def metrics(cls, cfg_moe) -> tuple[Metric, ...]:
@@ -94,6 +135,8 @@ class SigmoidBiasRouter(Router):
   @classmethod
   def check_config(cls, cfg, chosen: bool) -> None:
     opts = cfg.moe.sigmoid_bias
+    choice(opts.update_rule, "moe.sigmoid_bias.update_rule", UPDATES)
+    choice(opts.schedule, "moe.sigmoid_bias.schedule", SCHEDULES)
     for key in ("moe.sigmoid_bias.rate", "moe.sigmoid_bias.routed_scaling"):
       positive(cfg, key)
     for key in ("moe.sigmoid_bias.num_groups", "moe.sigmoid_bias.top_groups"):
@@ -115,8 +158,11 @@ class SigmoidBiasRouter(Router):
       bias_E = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32).value
     else:  # applied without its "moe_state" (a fresh model): the initial bias
       bias_E = jnp.zeros((e,), jnp.float32)
-    logits_TxE = gate_logits(self, x_TxD, e)
     opts = self.cfg.sigmoid_bias
+    if opts.schedule != "constant" and (self.has_variable("moe_state", "updates")
+                                        or self.is_mutable_collection("moe_state")):
+      self.variable("moe_state", "updates", jnp.zeros, (), jnp.int32)  # the update count n
+    logits_TxE = gate_logits(self, x_TxD, e)
     assignment, probs_TxE = sigmoid_bias_route(
         logits_TxE, bias_E, self.cfg.top_k, opts.routed_scaling, opts.renormalize,
         opts.num_groups, opts.top_groups)
@@ -128,5 +174,11 @@ class SigmoidBiasRouter(Router):
   @classmethod
   def update_state(cls, state: dict, stats: dict, cfg: ml_collections.FrozenConfigDict) -> dict:
     """One layer's new "moe_state" from the step's global-batch counts [E]."""
-    return {**state, "bias": update_bias(state["bias"], stats["counts"],
-                                         cfg.sigmoid_bias.rate)}
+    opts = cfg.sigmoid_bias
+    if opts.schedule == "constant":  # no update count kept
+      return {**state, "bias": update_bias(state["bias"], stats["counts"], opts.rate,
+                                           opts.update_rule)}
+    n = state["updates"] + 1
+    bias = update_bias(state["bias"], stats["counts"], step_size(opts.rate, n, opts.schedule),
+                       opts.update_rule)
+    return {**state, "bias": bias, "updates": n}
