@@ -11,6 +11,15 @@ dims and K_v = v_head_dim). Active parameters are those a token uses: every
 non-expert weight plus top_k routed experts and the shared experts (with the
 shared gate) of each MoE layer.
 
+Zero-computation experts (moe.router="zero_experts"): the router's gate has
+E + Z columns, and the constant experts' v [D] and W_c [D, 2] are active (the
+layer computes them for every token); the routed experts count the nominal
+top_k choices, an upper bound of the FFN work (the measured mean FFN experts
+per token is the `experts_per_token` metric). Chain-of-Experts
+(moe.chain.rounds = C): C routers per MoE layer, all active, and C * top_k
+routed experts and C times the shared experts per token (the same weights
+applied C times: active counts applications, what the FLOPs follow).
+
 Attention parameters (`plain_attention_params`) follow the layer's options:
 grouped-query K/V projections (model.num_kv_heads), model.head_dim, the
 biases of model.attn_bias, the q/k norm gains of model.qk_norm, and for
@@ -28,19 +37,21 @@ from __future__ import annotations
 import ml_collections
 
 from moejax.layout import layer_plan
+from moejax.moe import chain
 from moejax.moe.experts import get_family
 from moejax.moe.layer import router_moe, shared_width
 from moejax.moe.routers import get_router
 
 
 def experts_per_token(cfg: ml_collections.ConfigDict) -> float:
-  """Expert applications per token: the router's `experts_per_token(cfg)`.
+  """Expert applications per token: the router's `experts_per_token(cfg)` per round.
 
   moe.top_k unless the router says otherwise (Soft MoE's slots, expert
-  choice's capacity); for adaptive routers (ReLU, top-p, null experts) top_k
-  is the nominal budget, the measured mean is the `experts_per_token` metric.
+  choice's capacity); for adaptive routers (ReLU, top-p, null experts,
+  zero-computation experts) top_k is the nominal budget, the measured mean is
+  the `experts_per_token` metric. Times moe.chain.rounds (Chain-of-Experts).
   """
-  return get_router(cfg.moe.router).experts_per_token(cfg)
+  return chain.rounds(cfg.moe) * get_router(cfg.moe.router).experts_per_token(cfg)
 
 
 def plain_attention_params(m: ml_collections.ConfigDict) -> int:
@@ -118,9 +129,14 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     width = shared_width(moe)
     shared = (family.param_count(d, width) + (d if moe.get("shared_gate", False) else 0)
               if width else 0)
-    base = attn + norms + router.param_count(router_moe(moe), d) + shared  # R experts
-    total += n_periods * (base + moe.num_experts * expert)
-    active += n_periods * (base - attn + attn_active + experts_per_token(cfg) * expert)
+    rounds = chain.rounds(moe)  # a router per round; shared experts applied every round
+    routers = rounds * router.param_count(router_moe(moe), d)  # over R router experts
+    zero = router.zero_computation(moe)
+    zero = zero.param_count(d) if zero is not None else 0  # constant experts: every token
+    base = attn + norms + routers + zero
+    total += n_periods * (base + shared + moe.num_experts * expert)
+    active += n_periods * (base - attn + attn_active + rounds * shared
+                           + experts_per_token(cfg) * expert)
     total += router.shared_param_count(moe, d)
     active += router.shared_param_count(moe, d)
   return {"params_total": total, "params_active": active,

@@ -44,5 +44,6 @@ from moejax.moe.routers import recurrent as _recurrent  # noqa: E402,F401
 from moejax.moe.routers import relu as _relu  # noqa: E402,F401
 from moejax.moe.routers import sigmoid_bias as _sigmoid_bias  # noqa: E402,F401
 from moejax.moe.routers import soft as _soft  # noqa: E402,F401
+from moejax.moe.routers import zero_experts as _zero_experts  # noqa: E402,F401
 
 __all__ = ["ROUTERS", "RouterOutput", "get_router", "register"]
