@@ -36,10 +36,45 @@ def _moh(c):
   c.model.moh.shared_heads = 1
 
 
+def _zero_experts(c):
+  """Zero-computation experts (MoE++, LongCat-Flash): top-3 of 8 FFN + 4 zero-computation
+  experts (2 zero, 1 copy, 1 constant), the budget bias holding a mean of 2.0 FFN experts
+  per token.
+
+  Active compute: the bias steers the measured mean FFN experts per token (summary.json
+  `moe_experts_per_token`) to the quickstart's 2 experts of width 256; the zero, copy and
+  constant experts cost O(d_model) per token. The counted active FLOPs are the nominal
+  k = 3 choices, an upper bound. With 4 zero-computation choices beside 8 experts the switch
+  balancing loss's uniform spread (an FFN share of 8/12) agrees with the target (2 of 3).
+  """
+  c.moe.router = "zero_experts"
+  c.moe.top_k = 3
+  z = c.moe.zero_experts
+  z.zero, z.copy, z.constant = 2, 1, 1
+  z.target = 2.0
+  z.rate = 1e-2
+
+
+def _chain(c):
+  """Chain-of-Experts (Wang et al. 2025): 2 routing rounds of top-1 over the same 8 experts,
+  each round with its own router.
+
+  Active compute: 2 rounds x 1 expert of width 256 = the quickstart's top-2 per token (the
+  paper's CoE-2(K/2) against a one-round top-K); the second router adds 8 * 128 parameters
+  per MoE layer. Top-1 weights are the softmax probabilities (Switch: topk.renormalize=False;
+  a renormalised single weight would always be 1).
+  """
+  c.moe.chain.rounds = 2
+  c.moe.top_k = 1
+  c.moe.topk.renormalize = False
+
+
 VARIANTS = {
     "dense": _dense,
     "topk": _topk,
     "moh": _moh,
+    "zero_experts": _zero_experts,
+    "chain": _chain,
 }
 
 

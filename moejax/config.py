@@ -95,6 +95,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.z_loss_weight = 1e-3
   c.moe.first_dense_layers = 0
   c.moe.every = 1
+  # Chain-of-Experts (moejax/moe/chain.py): routing rounds of every MoE layer over its
+  # experts, each round with its own router, x_c = x_{c-1} + MoE_c(x_{c-1}).
+  c.moe.chain = ml_collections.ConfigDict()
+  c.moe.chain.rounds = 1  # C rounds (C * top_k expert applications per token); 1 = plain layer
   # Quantized routed experts (moejax/moe/experts/quantized.py; tools/compress.py --method
   # quantize): packed codes in the non-trained "quant" collection. Per MoE layer,
   # experts8 / experts4 / experts2 experts at 8 / 4 / 2 bits (summing to num_experts).
@@ -147,6 +151,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.null_experts = ml_collections.ConfigDict()
   c.moe.null_experts.num_null = 2
   c.moe.null_experts.renormalize = True
+  # Zero-computation experts (moe.router="zero_experts"; moejax/moe/routers/zero_experts.py,
+  # moejax/moe/zero_experts.py): choices the router scores beside the FFN experts.
+  c.moe.zero_experts = ml_collections.ConfigDict()
+  c.moe.zero_experts.zero = 1  # experts whose output is 0
+  c.moe.zero_experts.copy = 1  # experts whose output is the input x
+  c.moe.zero_experts.constant = 1  # a1 x + a2 v, learned v [D], (a1, a2) = softmax(x W_c [D, 2])
+  c.moe.zero_experts.renormalize = True  # the k picks' weights sum to 1 (zero-computation included)
+  # Mean FFN experts per token that the non-trained selection bias steers towards
+  # (LongCat-Flash); 0 = no bias.
+  c.moe.zero_experts.target = 0.0
+  c.moe.zero_experts.rate = 1e-2  # bias step per optimizer step (times the share error)
   c.moe.top_p = ml_collections.ConfigDict()
   c.moe.top_p.p = 0.4
   c.moe.top_p.max_k = 4

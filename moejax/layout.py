@@ -8,9 +8,11 @@ the MoE FFN ("moe"). Every leaf of a stack has a leading scan axis. So the
 MoE layers' variables, in every collection (params, moe_state,
 intermediates, ...), live under
 
-  moe_layers / block0 / moe / {router, experts, shared, shared_gate}
+  moe_layers / block0 / moe / {router, experts, shared, shared_gate, zero_experts}
 
 with period p of the stack being model layer `moe_layer_indices(cfg)[p]`.
+With moe.chain.rounds = C > 1 (Chain-of-Experts, moejax/moe/chain.py) the
+routers of rounds 2..C sit beside `router` as `router_round2`, ...
 Every module that needs a path asks this one.
 """
 
@@ -27,6 +29,7 @@ MOE = "moe"
 ROUTER = "router"
 EXPERTS = "experts"
 SHARED = "shared"
+ZERO_EXPERTS = "zero_experts"  # copy / constant experts (moejax/moe/zero_experts.py)
 MOE_PATH = (MOE_STACK, MOE_BLOCK, MOE)
 ROUTER_PATH = MOE_PATH + (ROUTER,)
 EXPERTS_PATH = MOE_PATH + (EXPERTS,)

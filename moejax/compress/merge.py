@@ -63,6 +63,7 @@ from moejax.checks import ConfigError
 from moejax.compress.calibrate import Calibration
 from moejax.compress.method import (Method, Option, Result, check_routed_experts,
                                     quant_scheme)
+from moejax.moe import chain
 from moejax.moe import layer as moe_layer
 from moejax.moe.experts import ExpertFamily, get_family
 
@@ -113,6 +114,10 @@ def check_mergeable(cfg: ml_collections.ConfigDict) -> None:
   if quant_scheme(cfg) != "none":
     raise ValueError(f"moe.quant.scheme={moe.quant.scheme!r}: the experts are quantized codes; "
                      "merging averages float weights: merge before quantizing")
+  if chain.rounds(moe) > 1:
+    raise ValueError(f"moe.chain.rounds={chain.rounds(moe)}: merging groups the experts by "
+                     "one router per MoE layer, not by every Chain-of-Experts round's; "
+                     "allowed: 1")
   if moe.router not in MERGEABLE:
     why = NOT_MERGEABLE.get(moe.router, "its choices are not a fixed top-k of a linear gate's "
                                         "expert ids")

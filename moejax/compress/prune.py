@@ -51,6 +51,7 @@ from moejax.compress.calibrate import Calibration
 from moejax.compress.method import (Method, Option, Result, check_routed_experts,
                                     quant_scheme)
 from moejax.init import grow
+from moejax.moe import chain
 from moejax.moe import layer as moe_layer
 from moejax.moe.experts import get_family
 
@@ -106,6 +107,10 @@ def check_prunable(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"moe.quant.scheme={moe.quant.scheme!r}: the run's experts are "
                      "quantized (tools/compress.py --method quantize); prune the float run "
                      "before quantizing")
+  if chain.rounds(moe) > 1:
+    raise ValueError(f"moe.chain.rounds={chain.rounds(moe)}: pruning cuts the columns of one "
+                     "router per MoE layer, not those of every Chain-of-Experts round; "
+                     "allowed: 1")
   if moe.router in MEANINGLESS:
     raise ValueError(f"moe.router={moe.router!r}: pruning has no meaning: "
                      f"{MEANINGLESS[moe.router]}")

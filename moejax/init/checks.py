@@ -14,6 +14,7 @@ import ml_collections
 from moejax.checks import ConfigError, choice, fail, is_int, positive
 from moejax.init.grow import SELECTS
 from moejax.init.sources import check_sources
+from moejax.moe import chain
 
 
 def _run_dir(key: str, path: str) -> None:
@@ -52,6 +53,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         fail("init.grow_batches", nb, "must be a positive integer")
       if not moe.enabled or moe.router != "topk":
         fail("init.grow_from", init.grow_from, "needs moe.enabled=True and moe.router='topk'")
+      if chain.rounds(moe) > 1:
+        fail("moe.chain.rounds", chain.rounds(moe), "must be 1 with init.grow_from (growing "
+             "duplicates the columns of one router per MoE layer)")
     if (init.from_dense or init.grow_from) and adapters:
       fail("moe.adapters.enabled", True, "cannot be combined with init.from_dense/grow_from")
   if adapters:

@@ -43,7 +43,8 @@ import ml_collections
 import numpy as np
 
 from moejax.config import default_config
-from moejax.layout import DENSE_STACK, EXPERTS, MOE, ROUTER, is_moe_layer, layer_location
+from moejax.layout import DENSE_STACK, EXPERTS, MOE, is_moe_layer, layer_location
+from moejax.moe import chain
 from moejax.moe.experts import ExpertFamily, get_family
 
 MODES = ("copy", "split")
@@ -169,8 +170,9 @@ def upcycle_params(dense_params: dict, moe_params: dict, moe_cfg: ml_collections
     for name in ("attn", "attn_norm", "ffn_norm"):
       _copy_into(dst[name], layer[name], idx, name)
     if is_moe_layer(moe_cfg, i):
-      if router == "zero":
-        dst[MOE][ROUTER] = jax.tree.map(np.zeros_like, dst[MOE][ROUTER])
+      if router == "zero":  # every round's router (moe.chain.rounds)
+        for name in chain.router_names(m):
+          dst[MOE][name] = jax.tree.map(np.zeros_like, dst[MOE][name])
       experts = ffn_to_experts(layer["ffn"], m.num_experts, m.expert_hidden, mode, family)
       for j, (k, leaf) in enumerate(family.leaves().items()):
         w = np.moveaxis(experts[k], leaf.expert_axis, 0)  # noise is relative to expert 0

@@ -18,6 +18,7 @@ from moejax.config import default_config
 from moejax.interop import mapping as mp
 from moejax.interop.errors import ConversionError
 from moejax.interop.hf_config import HFConfig
+from moejax.moe import chain
 
 LAYER = "model.layers.{i}."
 
@@ -198,6 +199,9 @@ def export_reasons(cfg) -> list[str]:
     return out
   if moe.expert != "swiglu":
     out.append(f"moe.expert={moe.expert!r} (HF MoE experts are SwiGLU)")
+  if chain.rounds(moe) > 1:
+    out.append(f"moe.chain.rounds={chain.rounds(moe)} (Chain-of-Experts: HF MoE layers "
+               "route once)")
   if moe.dispatch == "capacity":
     out.append("moe.dispatch='capacity' (drops tokens; HF MoE layers are dropless: set "
                "moe.dispatch='dropless' to export these weights)")

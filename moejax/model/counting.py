@@ -22,6 +22,15 @@ two-pass consistency training, THOR; else 1). Per-step costs that do not
 scale with the tokens (the ERC loss's E^2 proxy activations per MoE layer)
 are not in it.
 
+Zero-computation experts (moe.router="zero_experts"): the router's gate has
+E + Z columns, and the constant experts' v [D] and W_c [D, 2] are active (the
+layer computes them for every token); the routed experts count the nominal
+top_k choices, an upper bound of the FFN work (the measured mean FFN experts
+per token is the `experts_per_token` metric). Chain-of-Experts
+(moe.chain.rounds = C): C routers per MoE layer, all active, and C * top_k
+routed experts and C times the shared experts per token (the same weights
+applied C times: active counts applications, what the FLOPs follow).
+
 Attention parameters (`plain_attention_params`) follow the layer's options:
 grouped-query K/V projections (model.num_kv_heads), model.head_dim, the
 biases of model.attn_bias, the q/k norm gains of model.qk_norm, and for
@@ -51,22 +60,26 @@ import ml_collections
 
 from moejax.layout import layer_plan
 from moejax.model import head_experts
+from moejax.moe import chain
 from moejax.moe.experts import get_family
 from moejax.moe.layer import router_moe, shared_width
 from moejax.moe.routers import get_router
 
 
 def experts_per_token(cfg: ml_collections.ConfigDict, inference: bool = False) -> float:
-  """Expert applications per token in training: the router's `experts_per_token(cfg)`
-  (with `inference`: its `inference_experts_per_token(cfg)`).
+  """Expert applications per token in training: the router's `experts_per_token(cfg)` per
+  round (with `inference`: its `inference_experts_per_token(cfg)`).
 
   moe.top_k unless the router says otherwise (Soft MoE's slots, expert
   choice's capacity, THOR at inference); for adaptive routers (ReLU, top-p,
-  null experts) top_k is the nominal budget, the measured mean is the
-  `experts_per_token` metric.
+  null experts, zero-computation experts) top_k is the nominal budget, the
+  measured mean is the `experts_per_token` metric. Times moe.chain.rounds
+  (Chain-of-Experts).
   """
   router = get_router(cfg.moe.router)
-  return router.inference_experts_per_token(cfg) if inference else router.experts_per_token(cfg)
+  per_round = (router.inference_experts_per_token(cfg) if inference
+               else router.experts_per_token(cfg))
+  return chain.rounds(cfg.moe) * per_round
 
 
 def training_passes(cfg: ml_collections.ConfigDict) -> int:
@@ -166,10 +179,15 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     width = shared_width(moe)
     shared = (family.param_count(d, width) + (d if moe.get("shared_gate", False) else 0)
               if width else 0)
-    base = attn + norms + router.param_count(router_moe(moe), d) + shared  # R experts
-    total += n_periods * (base + moe.num_experts * expert)
-    active += n_periods * (base - attn + attn_active + experts_per_token(cfg) * expert)
-    inference += n_periods * (base - attn + attn_active
+    rounds = chain.rounds(moe)  # a router per round; shared experts applied every round
+    routers = rounds * router.param_count(router_moe(moe), d)  # over R router experts
+    zero = router.zero_computation(moe)
+    zero = zero.param_count(d) if zero is not None else 0  # constant experts: every token
+    base = attn + norms + routers + zero
+    total += n_periods * (base + shared + moe.num_experts * expert)
+    active += n_periods * (base - attn + attn_active + rounds * shared
+                           + experts_per_token(cfg) * expert)
+    inference += n_periods * (base - attn + attn_active + rounds * shared
                               + experts_per_token(cfg, inference=True) * expert)
     total += router.shared_param_count(moe, d)
     active += router.shared_param_count(moe, d)

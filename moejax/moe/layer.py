@@ -22,6 +22,14 @@ it two rows, (w1 + w2) f(x). The sown routing, the load metrics and the
 calibration counts are over the experts (after the map). A fresh model's map
 is contiguous near-equal groups (`default_map`).
 
+A router that declares zero-computation choices (`Router.zero_computation`:
+zero, copy and constant experts, moejax/moe/zero_experts.py) returns their
+per-token weights; the layer adds the copy and constant experts' output to
+the dispatcher's. With `moe.chain.rounds` C > 1 (Chain-of-Experts,
+moejax/moe/chain.py) the layer routes C times over the same experts, round c
+with its own router on x_{c-1} (x_c = x_{c-1} + y_c), returns sum_c y_c, and
+combines the rounds' losses and metrics as chain.py documents.
+
 What the layer reports is declared: `aux_losses(cfg)` (the balancing losses
 of `moe.balance`, the z-loss, the router-entropy and ERC losses when on, and
 the router's own) and `metric_schema(cfg)`
@@ -38,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax import layout
 from moejax.aux_losses import AuxLoss
 from moejax.checks import ConfigError, choice, fail, positive, positive_int, reraise
 from moejax.layers import DTYPES
+from moejax.moe import chain
 from moejax.moe import erc as erc_lib
 from moejax.moe import losses as moe_losses
 from moejax.moe import router_entropy
@@ -54,6 +64,7 @@ from moejax.moe.metrics import LAYER_METRICS, Metric
 from moejax.moe.routers import ROUTERS, get_router
 from moejax.moe.skipping import skip_low_weight
 from moejax.moe.types import SoftAssignment
+from moejax.moe.zero_experts import ZeroComputationExperts
 
 
 SKIPPED = Metric("skipped_fraction", summary=True)  # with moe.skip_threshold > 0
@@ -132,12 +143,17 @@ def metric_schema(cfg: ml_collections.ConfigDict) -> tuple[Metric, ...]:
   """The metrics every MoE layer of `cfg` reports: the layer's, then the router's."""
   if not cfg.moe.enabled:
     return ()
-  out = (*LAYER_METRICS, *get_router(cfg.moe.router).metrics(cfg.moe))
-  if cfg.moe.get("skip_threshold", 0.0) > 0:
+  return metric_schema_moe(cfg.moe)
+
+
+def metric_schema_moe(cfg_moe) -> tuple[Metric, ...]:
+  """`metric_schema` from the `moe` config of an MoE layer."""
+  out = (*LAYER_METRICS, *get_router(cfg_moe.router).metrics(cfg_moe))
+  if cfg_moe.get("skip_threshold", 0.0) > 0:
     out = (*out, SKIPPED)
   names = [m.name for m in out]
   if len(set(names)) != len(names):
-    raise ValueError(f"moe.router={cfg.moe.router!r} declares metrics {names} with a "
+    raise ValueError(f"moe.router={cfg_moe.router!r} declares metrics {names} with a "
                      "name used twice")
   return out
 
@@ -167,6 +183,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     positive_int(cfg, "moe.num_router_experts", allow_zero=True)
   _check_expert_map(cfg)
   _check_skipping(cfg)
+  chain.check_config(cfg)
   r = router_experts(moe)
   if moe.top_k > r:
     fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}" if r ==
@@ -223,8 +240,9 @@ class MoELayer(nn.Module):
   dtype: str = "float32"
   out_scale: float = 1.0
 
-  def _balance(self, kinds, route, balance_E: jax.Array, b: int, l: int) -> dict:
-    """The balancing losses named in moe.balance (unweighted)."""
+  def _balance(self, kinds, route, balance_E: jax.Array, b: int, l: int,
+               round_c: int | None = None) -> dict:
+    """The balancing losses named in moe.balance (unweighted); `round_c`: a chain's round."""
     out = {}
     probs = route.probs_TxE
     if "switch" in kinds:
@@ -232,10 +250,14 @@ class MoELayer(nn.Module):
     if "global_batch" in kinds:
       # Counts over the whole global batch: summed over devices by the SPMD
       # program itself, and over gradient-accumulation micro-batches by the
-      # trainer, which passes them in the "balance" collection.
+      # trainer, which passes them in the "balance" collection ([rounds,
+      # choices] for a chain: row c is round c's).
       counts = (self.get_variable("balance", "counts")
-                if self.has_variable("balance", "counts") else balance_E)
-      out["global_balance"] = moe_losses.switch_load_balance(probs, counts)
+                if self.has_variable("balance", "counts") else None)
+      if counts is not None and round_c is not None:
+        counts = counts[round_c]
+      out["global_balance"] = moe_losses.switch_load_balance(
+          probs, balance_E if counts is None else counts)
     if "sequence" in kinds:
       a = route.assignment
       seq_A = a.token // l
@@ -253,84 +275,126 @@ class MoELayer(nn.Module):
     x_TxD = x_BxLxD.reshape(b * l, d)
     ids_T = None if token_ids_BxL is None else token_ids_BxL.reshape(b * l)
     router_cls = get_router(cfg.router)
-    router = router_cls(router_moe(cfg), name="router")
-    route = router(x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic,
-                   carry=router_carry, shared=shared)
-    assignment = route.assignment
+    num_rounds = chain.rounds(cfg)
+    map_R = None
     if has_expert_map(cfg):  # router experts -> (merged) experts
       map_R = self.variable(EXPERT_MAP, "map", default_map, router_experts(cfg),
                             cfg.num_experts).value
-      assignment = assignment.replace(expert=map_R[assignment.expert])
-    skipped = None
-    if cfg.get("skip_threshold", 0.0) > 0:  # dynamic expert skipping (moejax/moe/skipping.py)
-      assignment, skipped = skip_low_weight(assignment, b * l, cfg.skip_threshold)
-    # Routing capture for moejax.analysis: a no-op unless "intermediates" is mutable.
-    sown = {"assignment": assignment}
-    if route.probs_TxE is not None:
-      sown["probs_TxE"] = route.probs_TxE
-    self.sow("intermediates", "routing", sown)
     self.sow("intermediates", "moe_input", x_TxD)  # the layer's input (moejax/compress)
     family = get_family(cfg)
     dtype = DTYPES[self.dtype]
     experts = quantized_experts.experts_module(cfg)(  # moe.quant: packed experts
         family, cfg.num_experts, cfg.expert_hidden, dtype, self.out_scale, name="experts")(d)
-    soft = isinstance(assignment, SoftAssignment)
-    # A SoftAssignment (Soft MoE) always goes to the soft dispatcher: the
-    # sparse dispatchers named by moe.dispatch take an `Assignment`.
-    dispatch = soft_dispatch if soft else get_dispatcher(cfg.dispatch)
-    if not soft and router_cls.choice_major_slots:  # multi-device mesh: shard_map EP
-      dispatch = expert_parallel.select(cfg, b * l) or dispatch
-    y_TxD, stats = dispatch(x_TxD, assignment, experts, cfg=cfg)
+    shared_experts = shared_gate = None
     if cfg.num_shared_experts > 0:
-      y_shared = SharedExperts(family, shared_width(cfg), dtype, self.out_scale,
-                               name="shared")(x_TxD)
+      shared_experts = SharedExperts(family, shared_width(cfg), dtype, self.out_scale,
+                                     name=layout.SHARED)
       if cfg.get("shared_gate", False):
-        y_shared = y_shared * SharedGate(name="shared_gate")(x_TxD)
-      y_TxD = y_TxD + y_shared
-
-    if soft:  # every expert processes the same number of slots: uniform load
-      counts_E = jnp.ones((cfg.num_experts,), jnp.float32)
-      experts_per_token = jnp.asarray(cfg.num_experts, jnp.float32)
-    else:
-      counts_E = assignment.expert_counts(cfg.num_experts)
-      experts_per_token = jnp.sum(assignment.valid) / (b * l)
-    zero = jnp.zeros((), jnp.float32)
+        shared_gate = SharedGate(name="shared_gate")
+    zero_spec = router_cls.zero_computation(cfg)
+    zero_experts = None
+    if zero_spec is not None and zero_spec.computes:  # copy / constant experts
+      zero_experts = ZeroComputationExperts(zero_spec, name=layout.ZERO_EXPERTS)
     kinds = moe_losses.balance_kinds(cfg)
-    losses = {moe_losses.BALANCE_KINDS[k]: zero for k in kinds}
-    losses["z_loss"] = zero
-    metrics = {**moe_metrics.load_metrics(counts_E),
-               "router_entropy": zero, "top1_prob": zero,
-               "experts_per_token": experts_per_token,
-               "dropped_fraction": stats["dropped_fraction"]}
-    if skipped is not None:
-      metrics["skipped_fraction"] = skipped
-    balance_E = counts_E  # the balancing losses pair counts with the router's probabilities
-    if assignment is not route.assignment:
-      balance_E = route.assignment.expert_counts(router_experts(cfg))
-    if route.probs_TxE is not None:
-      if route.balance_counts_E is not None:
-        balance_E = route.balance_counts_E
-      balance_E = jnp.broadcast_to(balance_E, route.probs_TxE.shape[-1:])
-      losses.update(self._balance(kinds, route, balance_E, b, l))
-      metrics.update(moe_metrics.router_metrics(route.probs_TxE))
-    if route.logits_TxE is not None:
-      losses["z_loss"] = moe_losses.router_z_loss(route.logits_TxE)
-    losses.update(router_entropy.layer_losses(cfg, route.probs_TxE))
-    if erc_lib.enabled(cfg):  # the router's embeddings as proxy tokens through the experts
-      emb_ExD = router_cls.expert_embedding(router_moe(cfg))(router.variables["params"])
-      key = None if deterministic else self.make_rng("router")
-      losses[erc_lib.LOSS] = erc_lib.erc_loss(emb_ExD, experts, key, cfg.erc.alpha,
-                                              cfg.erc.noise)
-    _check_declared(cfg.router, "metrics", route.metrics,
-                    [m.name for m in router_cls.metrics(cfg)])
-    _check_declared(cfg.router, "losses", route.losses,
-                    [a.name for a in router_cls.aux_losses(cfg)])
-    losses.update(route.losses)
-    metrics.update(route.metrics)
-    aux = {"losses": losses, "metrics": metrics, "state_stats": route.state_stats,
-           "balance_counts": balance_E.astype(jnp.float32)}
-    new_carry = route.carry if router_cls.uses_carry else router_carry
+
+    def one_round(c: int, x_TxD: jax.Array, carry: Any):
+      """Route x with round c's router, apply the layer's experts: (y, aux, counts, carry)."""
+      router = router_cls(router_moe(cfg), name=chain.router_name(c))
+      route = router(x_TxD, shape_BxL=(b, l), token_ids=ids_T, deterministic=deterministic,
+                     carry=carry, shared=shared)
+      assignment = route.assignment
+      if map_R is not None:
+        assignment = assignment.replace(expert=map_R[assignment.expert])
+      skipped = None
+      if cfg.get("skip_threshold", 0.0) > 0:  # dynamic expert skipping (moejax/moe/skipping.py)
+        assignment, skipped = skip_low_weight(assignment, b * l, cfg.skip_threshold)
+      # Routing capture for moejax.analysis: a no-op unless "intermediates" is mutable.
+      sown = {"assignment": assignment}
+      if route.probs_TxE is not None:
+        sown["probs_TxE"] = route.probs_TxE
+      self.sow("intermediates", "routing", sown)
+      soft = isinstance(assignment, SoftAssignment)
+      # A SoftAssignment (Soft MoE) always goes to the soft dispatcher: the
+      # sparse dispatchers named by moe.dispatch take an `Assignment`.
+      dispatch = soft_dispatch if soft else get_dispatcher(cfg.dispatch)
+      if not soft and router_cls.choice_major_slots:  # multi-device mesh: shard_map EP
+        dispatch = expert_parallel.select(cfg, b * l) or dispatch
+      y_TxD, stats = dispatch(x_TxD, assignment, experts, cfg=cfg)
+      if shared_experts is not None:
+        y_shared = shared_experts(x_TxD)
+        if shared_gate is not None:
+          y_shared = y_shared * shared_gate(x_TxD)
+        y_TxD = y_TxD + y_shared
+      if zero_spec is not None:
+        _check_zero_weights(cfg.router, route.zero_weights_TxZ, (b * l, zero_spec.total))
+      if zero_experts is not None:  # the zero-computation picks, outside the dispatcher
+        y_TxD = y_TxD + zero_experts(x_TxD, route.zero_weights_TxZ)
+
+      if soft:  # every expert processes the same number of slots: uniform load
+        counts_E = jnp.ones((cfg.num_experts,), jnp.float32)
+        experts_per_token = jnp.asarray(cfg.num_experts, jnp.float32)
+      else:
+        counts_E = assignment.expert_counts(cfg.num_experts)
+        experts_per_token = jnp.sum(assignment.valid) / (b * l)
+      zero = jnp.zeros((), jnp.float32)
+      losses = {moe_losses.BALANCE_KINDS[k]: zero for k in kinds}
+      losses["z_loss"] = zero
+      metrics = {**moe_metrics.load_metrics(counts_E),
+                 "router_entropy": zero, "top1_prob": zero,
+                 "experts_per_token": experts_per_token,
+                 "dropped_fraction": stats["dropped_fraction"]}
+      if skipped is not None:
+        metrics["skipped_fraction"] = skipped
+      balance_E = counts_E  # the balancing losses pair counts with the router's probabilities
+      if assignment is not route.assignment:
+        balance_E = route.assignment.expert_counts(router_experts(cfg))
+      if route.probs_TxE is not None:
+        if route.balance_counts_E is not None:
+          balance_E = route.balance_counts_E
+        balance_E = jnp.broadcast_to(balance_E, route.probs_TxE.shape[-1:])
+        losses.update(self._balance(kinds, route, balance_E, b, l,
+                                    c if num_rounds > 1 else None))
+        metrics.update(moe_metrics.router_metrics(route.probs_TxE))
+      if route.logits_TxE is not None:
+        losses["z_loss"] = moe_losses.router_z_loss(route.logits_TxE)
+      losses.update(router_entropy.layer_losses(cfg, route.probs_TxE))
+      if erc_lib.enabled(cfg):  # the router's embeddings as proxy tokens through the experts
+        emb_ExD = router_cls.expert_embedding(router_moe(cfg))(router.variables["params"])
+        key = None if deterministic else self.make_rng("router")
+        losses[erc_lib.LOSS] = erc_lib.erc_loss(emb_ExD, experts, key, cfg.erc.alpha,
+                                                cfg.erc.noise)
+      _check_declared(cfg.router, "metrics", route.metrics,
+                      [m.name for m in router_cls.metrics(cfg)])
+      _check_declared(cfg.router, "losses", route.losses,
+                      [a.name for a in router_cls.aux_losses(cfg)])
+      losses.update(route.losses)
+      metrics.update(route.metrics)
+      aux = {"losses": losses, "metrics": metrics, "state_stats": route.state_stats,
+             "balance_counts": balance_E.astype(jnp.float32)}
+      new_carry = route.carry if router_cls.uses_carry else carry
+      return y_TxD, aux, counts_E, new_carry
+
+    if num_rounds == 1:
+      y_TxD, aux, _, new_carry = one_round(0, x_TxD, router_carry)
+      return y_TxD.reshape(b, l, d), aux, new_carry
+    # Chain-of-Experts (moejax/moe/chain.py): round c routes x_{c-1}; x_c = x_{c-1} + y_c.
+    x_c, y_TxD, new_carry = x_TxD.astype(jnp.float32), None, router_carry
+    per_round, counts = [], []
+    for c in range(num_rounds):
+      y_c, aux_c, counts_E, new_carry = one_round(c, x_c, new_carry)
+      per_round.append(aux_c)
+      counts.append(counts_E)
+      y_TxD = y_c if y_TxD is None else y_TxD + y_c
+      x_c = x_c + y_c
+    aux = chain.combine_rounds(per_round, counts, metric_schema_moe(cfg))
     return y_TxD.reshape(b, l, d), aux, new_carry
+
+
+def _check_zero_weights(router: str, w: jax.Array | None, shape: tuple[int, int]) -> None:
+  if w is None or tuple(w.shape) != shape:
+    raise ValueError(f"router {router!r} declares zero-computation choices but returned "
+                     f"zero_weights_TxZ of shape {None if w is None else tuple(w.shape)}, not "
+                     f"{shape} (moejax/moe/routers/base.py: the router contract)")
 
 
 def _check_declared(router: str, what: str, got: dict, declared: list[str]) -> None:

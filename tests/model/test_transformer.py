@@ -128,11 +128,13 @@ def test_jitter_only_in_training():
 
 
 @pytest.mark.parametrize("router", ["recurrent", "soft", "null_experts", "hash",
-                                    "expert_choice", "topk_noisy"])
+                                    "expert_choice", "topk_noisy", "zero_experts", "chain"])
 def test_param_counts_match_init_for_routers(router):
   cfg = tiny_config()
   if router == "topk_noisy":
     cfg.moe.topk.noise = "gaussian"
+  elif router == "chain":  # Chain-of-Experts: a router per round, shared experts per layer
+    cfg.moe.chain.rounds, cfg.moe.num_shared_experts = 3, 1
   else:
     cfg.moe.router = router
   p = jax.eval_shape(lambda k: lm.init(k, cfg), jax.random.key(0))["params"]

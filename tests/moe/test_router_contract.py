@@ -69,6 +69,9 @@ VALID_RULES = {
     "expert_choice": lambda cfg, out, b, l: ec.num_slots(cfg, (b, l)),
     "null_experts": lambda cfg, out, b, l: int(
         np.sum(_topk_picks(out.probs_TxE, cfg.top_k) < cfg.num_experts)),
+    # FFN picks only (the initial budget bias is 0: the top-k of the probabilities).
+    "zero_experts": lambda cfg, out, b, l: int(
+        np.sum(_topk_picks(out.probs_TxE, cfg.top_k) < cfg.num_experts)),
     "top_p": lambda cfg, out, b, l: _top_p_count(cfg, out.probs_TxE),
     "sigmoid_bias": lambda cfg, out, b, l: b * l * cfg.top_k,
     "thor": _thor_count,
@@ -93,6 +96,7 @@ VARIANTS = {
                       "sigmoid_bias.renormalize": False},
                      {"sigmoid_bias.update_rule": "proportional",
                       "sigmoid_bias.schedule": "inv_sqrt"}],
+    "zero_experts": [{"zero_experts.target": 1.5, "zero_experts.renormalize": False}],
 }
 # Capacity dispatch must drop nothing to equal `dense`: E / k suffices for
 # token-choice routers (each token uses an expert at most once); expert
@@ -165,6 +169,16 @@ def _check_router_output(name, cfg, out) -> None:
     assert out.logits_TxE.shape == out.probs_TxE.shape
   for key, loss in out.losses.items():
     assert loss.shape == () and np.isfinite(loss), key
+  zero = get_router(name).zero_computation(cfg)
+  if zero is None:
+    assert out.zero_weights_TxZ is None
+  else:  # zero-computation picks: the probability columns after the E experts
+    w = np.asarray(out.zero_weights_TxZ)
+    assert w.shape == (T, zero.total) and w.dtype == np.float32
+    assert np.all(np.isfinite(w)) and np.all(w >= 0)
+    picks = _topk_picks(out.probs_TxE, cfg.top_k)
+    assert np.array_equal(w > 0, np.stack([np.any(picks == E + z, axis=1)
+                                           for z in range(zero.total)], axis=1))
 
 
 def _random_params(init, seed=1) -> dict:

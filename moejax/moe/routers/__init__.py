@@ -46,5 +46,6 @@ from moejax.moe.routers import sigmoid_bias as _sigmoid_bias  # noqa: E402,F401
 from moejax.moe.routers import soft as _soft  # noqa: E402,F401
 from moejax.moe.routers import thor as _thor  # noqa: E402,F401
 from moejax.moe.routers import bip as _bip  # noqa: E402,F401
+from moejax.moe.routers import zero_experts as _zero_experts  # noqa: E402,F401
 
 __all__ = ["ROUTERS", "RouterOutput", "get_router", "register"]

@@ -11,6 +11,9 @@ properties
   uses_carry           passes state from one MoE layer to the next (the
                        scan carry; `init_carry`, `make_shared`)
   adaptive             the number of experts per token varies
+  zero_computation(cfg_moe)  the zero-computation choices (zero, copy,
+                       constant experts) it scores after the E experts, or
+                       None; the layer applies them (moejax/moe/zero_experts.py)
   pool_stats_over_layers  `update_state` gets stats summed over MoE layers
   returns_probs        `probs_TxE` is not None (the balancing losses, the
                        router-entropy loss and the entropy metrics need it)
@@ -58,6 +61,7 @@ from moejax.checks import lookup
 from moejax.layers import fan_in_init
 from moejax.moe.metrics import Metric
 from moejax.moe.types import Assignment, SoftAssignment
+from moejax.moe.zero_experts import ZeroComputation
 
 
 @flax.struct.dataclass
@@ -73,7 +77,9 @@ class RouterOutput:
   of `aux_losses(cfg_moe)`; the generic ones (balance, z-loss) are formed by
   the MoE layer. `metrics` are exactly those of `metrics(cfg_moe)`: scalars, or [E]
   vectors for per-expert ones. `state_stats` feed `update_state`; `carry` is
-  the new carry of a `uses_carry` router.
+  the new carry of a `uses_carry` router. `zero_weights_TxZ` [T, Z] float32
+  is each token's combine weight of every zero-computation choice (0 where
+  not picked), from exactly the routers that declare `zero_computation`.
   """
 
   assignment: Assignment | SoftAssignment
@@ -84,6 +90,7 @@ class RouterOutput:
   balance_counts_E: jax.Array | None = None
   state_stats: dict = flax.struct.field(default_factory=dict)
   carry: Any = None
+  zero_weights_TxZ: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +161,12 @@ class Router(nn.Module):
   def decode_refusal(cls, cfg) -> str | None:
     """None if one token at a time is routed as in training; else why not (full config)."""
     del cfg
+    return None
+
+  @classmethod
+  def zero_computation(cls, cfg_moe) -> ZeroComputation | None:
+    """Its zero-computation choices after the E experts (the `moe` config), or None."""
+    del cfg_moe
     return None
 
   @classmethod

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.checks import positive
+from moejax.checks import fail, positive
+from moejax.moe import chain
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput
 from moejax.moe.types import Assignment
@@ -87,8 +88,11 @@ class HashRouter(Router):
 
   @classmethod
   def check_config(cls, cfg, chosen: bool) -> None:
-    del chosen
     positive(cfg, "moe.hash.seed", allow_zero=True)
+    if chosen and chain.rounds(cfg.moe) > 1:
+      fail("moe.chain.rounds", chain.rounds(cfg.moe), "must be 1 with moe.router='hash': "
+           "Chain-of-Experts re-routes each round's output, and a hash of the token id "
+           "picks the same experts in every round")
 
   @nn.compact
   def __call__(self, x_TxD: jax.Array, *, shape_BxL: tuple[int, int],

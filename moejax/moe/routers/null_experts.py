@@ -17,6 +17,11 @@ the weights are the raw softmax probabilities over E + num_null.
 
 Slots are choice-major like `topk` (slot c*T + t), A = T * k. Metric
 `null_fraction`: share of the T * k slots that went to null experts.
+
+The null experts are zero-computation choices of kind "zero"
+(`zero_computation`, moejax/moe/zero_experts.py): the routing is the
+`zero_experts` router's `zero_choice_route` without a bias, and the MoE
+layer has nothing to add for them.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from moejax.checks import positive
 from moejax.moe.metrics import Metric
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
+from moejax.moe.routers.zero_experts import zero_choice_route
 from moejax.moe.types import Assignment
+from moejax.moe.zero_experts import ZeroComputation
 
 
 def null_experts_route(logits_TxN: jax.Array, k: int, num_experts: int,
@@ -43,22 +50,14 @@ def null_experts_route(logits_TxN: jax.Array, k: int, num_experts: int,
   Returns (assignment over the E real experts, probs_TxN, balance counts
   [E + num_null] of all k picks, null_fraction).
   """
-  logits_TxN = logits_TxN.astype(jnp.float32)
-  t, n = logits_TxN.shape
-  probs_TxN = jax.nn.softmax(logits_TxN, axis=-1)
-  w_TxK, e_TxK = jax.lax.top_k(probs_TxN, k)
-  if renormalize:
-    w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
-  real_TxK = e_TxK < num_experts
-  choice_major = lambda a: a.T.reshape(-1)  # noqa: E731
-  assignment = Assignment(
-      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
-      expert=choice_major(jnp.minimum(e_TxK, num_experts - 1).astype(jnp.int32)),
-      weight=choice_major(jnp.where(real_TxK, w_TxK, 0.0)),
-      valid=choice_major(real_TxK))
-  counts_N = jnp.sum(jax.nn.one_hot(e_TxK, n, dtype=jnp.float32), axis=(0, 1))
-  null_fraction = 1.0 - jnp.mean(real_TxK.astype(jnp.float32))
-  return assignment, probs_TxN, counts_N, null_fraction
+  assignment, probs_TxN, _, counts_N, e_TxK = zero_choice_route(
+      logits_TxN, k, num_experts, None, renormalize)
+  return assignment, probs_TxN, counts_N, _null_fraction(e_TxK, num_experts)
+
+
+def _null_fraction(e_TxK: jax.Array, num_experts: int) -> jax.Array:
+  """Share of the T * k picks that went to null experts."""
+  return 1.0 - jnp.mean((e_TxK < num_experts).astype(jnp.float32))
 
 
 @register("null_experts")
@@ -66,6 +65,10 @@ class NullExpertsRouter(Router):
   """Linear gate over E + num_null choices + `null_experts_route`."""
 
   adaptive = True
+
+  @classmethod
+  def zero_computation(cls, cfg_moe) -> ZeroComputation:
+    return ZeroComputation(zero=cfg_moe.null_experts.num_null)
 
   @classmethod
   def metrics(cls, cfg_moe) -> tuple[Metric, ...]:
@@ -88,8 +91,9 @@ class NullExpertsRouter(Router):
     opts = self.cfg.null_experts
     e = self.cfg.num_experts
     logits_TxN = gate_logits(self, x_TxD, e + opts.num_null)
-    assignment, probs_TxN, counts_N, null_fraction = null_experts_route(
-        logits_TxN, self.cfg.top_k, e, opts.renormalize)
+    assignment, probs_TxN, zero_TxZ, counts_N, e_TxK = zero_choice_route(
+        logits_TxN, self.cfg.top_k, e, None, opts.renormalize)
     return RouterOutput(assignment=assignment, logits_TxE=logits_TxN,
                         probs_TxE=probs_TxN, balance_counts_E=counts_N,
-                        metrics={"null_fraction": null_fraction})
+                        metrics={"null_fraction": _null_fraction(e_TxK, e)},
+                        zero_weights_TxZ=zero_TxZ)
