@@ -83,7 +83,8 @@ def _x(seed=1):
 def _round_params(params, c):
   """A plain layer's params for round c: its router, the chain's shared experts."""
   out = {k: v for k, v in params.items() if not k.startswith("router")}
-  out["router"] = params[router_name(c)]
+  if router_name(c) in params:  # thor's routing has no parameters
+    out["router"] = params[router_name(c)]
   return out
 
 
@@ -152,7 +153,8 @@ def test_matches_a_loop_of_plain_layers(router):
   cfg = _moe_cfg(router, rounds=2)
   x = _x()
   params = _random_params(MoELayer(cfg), x)
-  assert sorted(k for k in params if k.startswith("router")) == ["router", "router_round2"]
+  if router != "thor":  # thor's routing has no parameters
+    assert sorted(k for k in params if k.startswith("router")) == ["router", "router_round2"]
   _check_combined(cfg, *_run(cfg, params, x))
 
 
