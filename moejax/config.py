@@ -140,6 +140,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.mlp = ml_collections.ConfigDict()
   c.moe.mlp.activation = "gelu"  # gelu, gelu_tanh, relu, relu2 (squared ReLU), silu
   c.moe.mlp.bias = False  # biases on both projections
+  c.moe.latent = ml_collections.ConfigDict()
+  c.moe.latent.rank = 64  # R of the shared [D, R] gate / up projections, in [1, model.d_model]
   # Router options (moejax/moe/routers/<name>.py documents each).
   c.moe.expert_choice = ml_collections.ConfigDict()
   c.moe.expert_choice.group = "position"  # "batch" is not causal

@@ -10,6 +10,7 @@
     --method quantize (--bits {8,4,2} | --avg-bits B) [--scheme {sym,asym,fp8}] [--group-size G]
     --method distill --teacher TEACHER_RUN --steps N [--temperature T] [--alpha A] [--lr LR]
         [--warmup-steps W]   (trains OUT_DIR; moejax/compress/distill.py)
+    --method latent --rank R   (SwiGLU experts -> moe.expert='latent'; moejax/compress/latent.py)
 
 `--help` lists every method (moejax.compress.METHODS) with its options; an
 option of another method is refused by name. Methods that need calibration

@@ -61,8 +61,8 @@ import scipy.optimize
 from moejax import layout
 from moejax.checks import ConfigError
 from moejax.compress.calibrate import Calibration
-from moejax.compress.method import (Method, Option, Result, check_routed_experts,
-                                    quant_scheme)
+from moejax.compress.method import (Method, Option, Result, check_own_leaves,
+                                    check_routed_experts, quant_scheme)
 from moejax.moe import chain
 from moejax.moe import layer as moe_layer
 from moejax.moe.experts import ExpertFamily, get_family
@@ -110,6 +110,7 @@ class Merged:
 def check_mergeable(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the option when `cfg`'s experts cannot be merged."""
   check_routed_experts(cfg, "merge")
+  check_own_leaves(cfg, "merging")
   moe = cfg.moe
   if quant_scheme(cfg) != "none":
     raise ValueError(f"moe.quant.scheme={moe.quant.scheme!r}: the experts are quantized codes; "

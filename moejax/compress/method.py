@@ -19,6 +19,7 @@ from typing import Any, Callable
 import ml_collections
 
 from moejax import layout
+from moejax.moe.experts import get_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,16 @@ def check_routed_experts(cfg: ml_collections.ConfigDict, verb: str) -> None:
   if a is not None and a.get("enabled", False):
     raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the experts of its "
                      f"base run (moe.adapters.base={a.base!r}); {verb} the base run instead")
+
+
+def check_own_leaves(cfg: ml_collections.ConfigDict, verb: str) -> None:
+  """ValueError naming moe.expert when its family has leaves shared by all experts of a layer
+  (moe.expert="latent"), which a method that rebuilds each expert on its own cannot `verb`."""
+  shared = sorted(get_family(cfg.moe).shared_leaves())
+  if shared:
+    raise ValueError(f"moe.expert={cfg.moe.expert!r}: its leaves {shared} are shared by all "
+                     f"experts of a layer; {verb} works on experts that own all their weights "
+                     "(e.g. moe.expert='swiglu')")
 
 
 def quant_scheme(cfg: ml_collections.ConfigDict) -> str:

@@ -55,8 +55,8 @@ import numpy as np
 from moejax import layout
 from moejax.checks import ConfigError
 from moejax.compress.calibrate import Calibration
-from moejax.compress.method import (Method, Option, Result, check_routed_experts,
-                                    quant_scheme)
+from moejax.compress.method import (Method, Option, Result, check_own_leaves,
+                                    check_routed_experts, quant_scheme)
 from moejax.compress.prune import _layer_cfg, _one_layer
 from moejax.moe import layer as moe_layer
 from moejax.moe.experts import get_family
@@ -91,6 +91,7 @@ class Quantized:
 def check_quantizable(cfg: ml_collections.ConfigDict) -> None:
   """ValueError when `cfg`'s experts cannot be quantized (before any reading)."""
   check_routed_experts(cfg, "quantize")
+  check_own_leaves(cfg, "quantization")
   scheme = quant_scheme(cfg)
   if scheme != "none":
     raise ValueError(f"moe.quant.scheme={scheme!r}: the run's experts are already quantized "

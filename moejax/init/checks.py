@@ -15,6 +15,7 @@ from moejax.checks import ConfigError, choice, fail, is_int, positive
 from moejax.init.grow import SELECTS
 from moejax.init.sources import check_sources
 from moejax.moe import chain
+from moejax.moe.experts import get_family
 
 
 def _run_dir(key: str, path: str) -> None:
@@ -40,6 +41,12 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       if moe.enabled and moe.num_shared_experts:
         fail("moe.num_shared_experts", moe.num_shared_experts,
              "must be 0 with init.from_dense (every FFN becomes routed experts)")
+      shared = get_family(moe).shared_leaves() if moe.enabled else {}
+      if shared:
+        fail("moe.expert", moe.expert, f"cannot be upcycled into with init.from_dense: its "
+             f"leaves {sorted(shared)} are shared by all experts of a layer, which copies or "
+             "slices of one dense FFN do not define; upcycle into moe.expert='swiglu' (the "
+             "dense FFN's form)")
     if init.grow_from:
       _run_dir("init.grow_from", init.grow_from)
       positive(cfg, "init.grow_noise", allow_zero=True)

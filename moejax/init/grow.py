@@ -14,7 +14,10 @@ Which experts are duplicated (`init.grow_select`):
 Both are one pure gather: `grow_params(params, src_PxE, noise, rng, family)`
 makes grown expert j of MoE period p a copy of source expert src_PxE[p, j]
 (every leaf of the expert family, along the expert axis it declares, and the
-router column), plus N(0, noise^2) on every router column.
+router column), plus N(0, noise^2) on every router column. Leaves the family
+shares by all experts of a layer (no expert axis) are kept as they are: the
+copies share them as the originals did; importance sums over the experts'
+own leaves only.
 
 Why the forward pass is unchanged at the switch (top-k fixed): with plain
 softmax-then-top-k, tied copies split their expert's probability and a
@@ -134,6 +137,8 @@ def expert_importance(src_cfg: ml_collections.ConfigDict, params: dict, collecti
   experts = _moe(params)[layout.EXPERTS]
   taylor = []
   for name, leaf in get_family(src_cfg.moe).leaves().items():
+    if leaf.shared:  # used by every expert: no expert's own share of the loss
+      continue
     # Leaves are [P, ...] with the expert axis at 1 + leaf.expert_axis.
     prod = jnp.moveaxis(experts[name] * total[name] / n, 1 + leaf.expert_axis, 1)
     taylor.append(jnp.sum(prod.reshape(prod.shape[:2] + (-1,)), axis=-1))
@@ -155,7 +160,8 @@ def grow_params(params: dict, src_PxE: np.ndarray, noise: float = 0.0,
   if idx.shape[0] != num_periods(params):
     raise ValueError(f"src_PxE has {idx.shape[0]} rows for {num_periods(params)} MoE periods")
   leaves = _family(family).leaves()
-  experts = {k: jax.vmap(lambda a, i, ax=leaves[k].expert_axis: jnp.take(a, i, axis=ax))(v, idx)
+  experts = {k: v if leaves[k].shared else  # shared by all experts: every copy uses it
+             jax.vmap(lambda a, i, ax=leaves[k].expert_axis: jnp.take(a, i, axis=ax))(v, idx)
              for k, v in moe[layout.EXPERTS].items()}
   w_PxDxE = jax.vmap(lambda w, i: w[:, i])(moe[layout.ROUTER]["w_gate"], idx)
   if noise > 0:

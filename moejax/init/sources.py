@@ -16,6 +16,7 @@ from moejax.checks import lookup
 from moejax.config import flat_keys, with_defaults
 from moejax.init.grow import grown_grouping
 from moejax.layout import layer_plan
+from moejax.moe.experts import get_family
 
 # Keys that shape the parameters: a source run must agree on them (the
 # attention's form included: grouped-query K/V heads, head width, biases,
@@ -109,6 +110,10 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
       if src.moe[k] != cfg.moe[k]:
         raise ValueError(f"config key moe.{k}={cfg.moe[k]!r} does not match the source run "
                          f"init.grow_from={init.grow_from!r}, which has {src.moe[k]!r}")
+    if get_family(src.moe) != get_family(cfg.moe):  # the family and its options
+      raise ValueError(f"config key moe.expert={cfg.moe.expert!r} ({get_family(cfg.moe)}) does "
+                       f"not match the source run init.grow_from={init.grow_from!r}, which has "
+                       f"{src.moe.expert!r} ({get_family(src.moe)}): growing copies its experts")
   a = cfg.moe.get("adapters")
   if a is not None and a.enabled:
     src = run_config(a.base)

@@ -61,6 +61,12 @@ def ffn_to_experts(ffn: dict[str, Any], num_experts: int, expert_hidden: int,
   """
   family = family or get_family(default_config().moe)
   leaves = family.leaves()
+  shared = sorted(family.shared_leaves())
+  if shared:
+    raise ValueError(f"config key moe.expert={family.name!r} is invalid for upcycling: its "
+                     f"leaves {shared} are shared by all experts of a layer, which copies or "
+                     "slices of one dense FFN do not define; upcycle into the dense FFN's own "
+                     "family")
   if set(ffn) != set(leaves):
     raise ValueError(f"config key moe.expert={family.name!r} is invalid for upcycling: its "
                      f"experts have leaves {sorted(leaves)}, the dense FFN {sorted(ffn)}; "

@@ -31,6 +31,12 @@ per token is the `experts_per_token` metric). Chain-of-Experts
 routed experts and C times the shared experts per token (the same weights
 applied C times: active counts applications, what the FLOPs follow).
 
+Expert families with leaves shared by all experts of a layer (Leaf without
+the expert axis, e.g. the latent projections of moe.expert="latent"): those
+count once per MoE layer in params_total and params_active, and since every
+expert application computes them (`experts_per_token` per token),
+flops_per_token counts them experts_per_token times (`shared_leaf_params`).
+
 Attention parameters (`plain_attention_params`) follow the layer's options:
 grouped-query K/V projections (model.num_kv_heads), model.head_dim, the
 biases of model.attn_bias, the q/k norm gains of model.qk_norm, and for
@@ -177,13 +183,13 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     router, family = get_router(moe.router), get_family(moe)
     expert = family.param_count(d, moe.expert_hidden)
     width = shared_width(moe)
-    shared = (family.param_count(d, width) + (d if moe.get("shared_gate", False) else 0)
-              if width else 0)
+    shared = (family.param_count(d, width) + family.shared_param_count(d, width)
+              + (d if moe.get("shared_gate", False) else 0) if width else 0)
     rounds = chain.rounds(moe)  # a router per round; shared experts applied every round
     routers = rounds * router.param_count(router_moe(moe), d)  # over R router experts
     zero = router.zero_computation(moe)
     zero = zero.param_count(d) if zero is not None else 0  # constant experts: every token
-    base = attn + norms + routers + zero
+    base = attn + norms + routers + zero + shared_leaf_params(cfg)
     total += n_periods * (base + shared + moe.num_experts * expert)
     active += n_periods * (base - attn + attn_active + rounds * shared
                            + experts_per_token(cfg) * expert)
@@ -196,18 +202,31 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
           "params_active_inference": inference, "params_embedding": embedding}
 
 
+def shared_leaf_params(cfg: ml_collections.ConfigDict) -> int:
+  """Parameters of one MoE layer's routed-expert leaves shared by all its experts (0 for
+  families whose every leaf has the expert axis)."""
+  moe = cfg.moe
+  if not moe.enabled:
+    return 0
+  return get_family(moe).shared_param_count(cfg.model.d_model, moe.expert_hidden)
+
+
 def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
   """Training FLOPs per token: training_passes * (6 * (active non-embedding params + head)
   + attention).
 
   Attention experts are all computed (module docstring): their projections
-  count as computed, not active, and each expert has its own scores.
+  count as computed, not active, and each expert has its own scores. Leaves
+  shared by the routed experts are computed once per expert application.
   """
   m = cfg.model
   c = param_counts(cfg)
   _, attn_active, attn_computed = attention_params(cfg)
   matmul_params = (c["params_active"] - c["params_embedding"] + m.vocab_size * m.d_model
                    + m.num_layers * (attn_computed - attn_active))
+  if cfg.moe.enabled:
+    n_periods = layer_plan(cfg)[1]
+    matmul_params += n_periods * (experts_per_token(cfg) - 1) * shared_leaf_params(cfg)
   heads = max(m.get("attn_experts", 0), 1)
   return training_passes(cfg) * (
       6.0 * matmul_params + 6.0 * m.num_layers * cfg.train.seq_len * attention_width(m) * heads)

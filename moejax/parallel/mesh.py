@@ -5,7 +5,9 @@ Axes ('data', 'fsdp', 'expert'), sizes from `parallel.data`, `parallel.fsdp`,
 is split over all three axes; expert weights over 'expert' on the expert
 axis their family declares (moejax/moe/experts/base.py `Leaf`) and over
 'fsdp' on the dimension it declares FSDP may shard, when the fsdp size
-divides it; every other parameter, and the optimizer state that mirrors it,
+divides it (a leaf the family shares by all experts of a layer, without an
+expert axis, is replicated over 'expert'); every other parameter, and the
+optimizer state that mirrors it,
 over 'fsdp' on its largest dimension divisible by the fsdp size (replicated
 when none is).
 Size checks raise `ConfigError` before anything is compiled.
@@ -151,7 +153,8 @@ def param_spec(names: list[str], shape: tuple[int, ...], sizes: dict[str, int],
     lead = len(shape) - len(leaf.dims)
     if lead >= 0:
       spec = [None] * len(shape)
-      spec[lead + leaf.expert_axis] = "expert"
+      if not leaf.shared:  # a leaf shared by all experts is replicated over 'expert'
+        spec[lead + leaf.expert_axis] = "expert"
       if leaf.fsdp is not None and f > 1:
         i = lead + leaf.dims.index(leaf.fsdp)
         if shape[i] % f == 0:

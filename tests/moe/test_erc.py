@@ -19,7 +19,7 @@ from moejax.checks import ConfigError
 from moejax.config import default_config
 from moejax.moe import MoELayer
 from moejax.moe import erc
-from moejax.moe.experts import MLPExperts, SwiGLUExperts
+from moejax.moe.experts import LatentExperts, MLPExperts, SwiGLUExperts
 from moejax.moe.layer import aux_losses
 from moejax.moe.routers import ROUTERS, get_router
 from moejax.validation import validate
@@ -112,8 +112,8 @@ def test_coupling_loss_by_hand():
 
 
 @pytest.mark.parametrize("family", [SwiGLUExperts(), MLPExperts("relu", True),
-                                    MLPExperts("gelu", False)], ids=["swiglu", "mlp-bias",
-                                                                     "mlp"])
+                                    MLPExperts("gelu", False), LatentExperts(3)],
+                         ids=["swiglu", "mlp-bias", "mlp", "latent"])
 def test_activation_norms_match_reference(family):
   rng = np.random.default_rng(1)
   w = {k: jnp.asarray(rng.standard_normal(leaf.shape(E, D, F)), jnp.float32)
@@ -122,6 +122,8 @@ def test_activation_norms_match_reference(family):
   got = np.asarray(family.activation_norms(w, x, jnp.float32))
   if isinstance(family, SwiGLUExperts):
     want = norms_reference(x, w["w_gate"])
+  elif isinstance(family, LatentExperts):  # W_gate[e] = A_gate B_gate[e]
+    want = norms_reference(x, np.einsum("dr,erf->edf", w["a_gate"], w["b_gate"]))
   else:
     want = norms_reference(x, w["w_in"], w["b_in"] if family.bias else None)
   np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from moejax.checks import choice
 from moejax.moe.experts.base import (ExpertFamily, Experts, ExpertWeights, Leaf,
                                      SharedExperts, expert_specs, group_of_rows, row_norms)
+from moejax.moe.experts.latent import LatentExperts
 from moejax.moe.experts.mlp import MLPExperts
 from moejax.moe.experts.swiglu import SwiGLUExperts
 
@@ -43,8 +44,10 @@ def check_config(cfg) -> None:
 
 register(SwiGLUExperts)
 register(MLPExperts)
+register(LatentExperts)
 
-__all__ = ["FAMILIES", "ExpertFamily", "ExpertWeights", "Experts", "Leaf", "MLPExperts",
+__all__ = ["FAMILIES", "ExpertFamily", "ExpertWeights", "Experts", "LatentExperts", "Leaf",
+           "MLPExperts",
            "SharedExperts", "SwiGLUExperts",
            "check_config", "expert_specs", "family_class", "get_family", "group_of_rows",
            "register", "row_norms"]

@@ -1,9 +1,10 @@
 """The expert-family interface: what an expert is, declared once, applied three ways.
 
 A family declares its parameter leaves (`Leaf`: their dimensions over E =
-experts, D = model width, F = expert hidden width; their initialisation;
-which leaf produces the output; which dimension FSDP may shard) and applies
-the experts to
+experts, D = model width, F = expert hidden width and dimensions of the
+family's own fixed size (e.g. a latent rank R); their initialisation; which
+leaf produces the output; which dimension FSDP may shard) and applies the
+experts to
 
 - per-expert buffers x [E, C, D] (`batched`: the dense and capacity
   dispatchers, the soft dispatcher's slots, expert-parallel capacity);
@@ -14,6 +15,14 @@ the experts to
 - inputs through every expert's input projection (`activation_norms`: the
   norm of the hidden pre-activation that the expert's nonlinearity reads,
   for the ERC loss, moejax/moe/erc.py).
+
+A leaf with the expert axis E holds one slice per expert; a leaf without it
+is *shared*: one array per MoE layer that every expert of the layer uses
+(e.g. the shared latent projections of moejax/moe/experts/latent.py). Shared
+leaves are counted once per layer (`shared_param_count`), replicated over
+the mesh's expert axis, kept as they are when experts are gathered (growth,
+pruning), and refused where a family must be built per expert (upcycling a
+dense FFN, quantized experts, merging).
 
 Everything else reads the declaration and names no weight: the `Experts`
 module creates the leaves, dispatchers get `ExpertWeights` (weights bound to
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -46,13 +56,18 @@ INITS = ("fan_in", "zeros", "ones")
 class Leaf:
   """One parameter leaf of a family.
 
-  dims: its axes, a tuple over DIMS ("E" once: the expert axis).
+  dims: its axes, a tuple over DIMS and the names of `fixed`, each once; "E"
+      (the expert axis) at most once: a leaf without it is shared by all
+      experts of the layer (`shared`).
   init: "fan_in" (truncated normal, std 1 / sqrt(size of `fan_in`)), "zeros", "ones".
+  fan_in: the dim whose size is the fan-in (one of dims for a matrix leaf).
   output: the leaf produces the expert's output: its init std is also
       multiplied by the model's residual-branch scale, and upcycling that
       splits a dense FFN into F-slices multiplies it by the slice count.
   fsdp: the dimension FSDP may shard (over the mesh's 'fsdp' axis, when its
       size divides it), or None.
+  fixed: ((name, size), ...) the family's own dims of fixed size (a latent
+      rank "R"), not the model's D and F.
   """
 
   dims: tuple[str, ...]
@@ -60,22 +75,45 @@ class Leaf:
   fan_in: str = "D"
   output: bool = False
   fsdp: str | None = None
+  fixed: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
-    if self.dims.count("E") != 1 or not set(self.dims) <= set(DIMS):
-      raise ValueError(f"Leaf dims {self.dims} must hold 'E' once and only letters of {DIMS}")
+    own = [n for n, _ in self.fixed]
+    if set(own) & set(DIMS) or len(set(own)) != len(own) or any(
+        not isinstance(n, int) or isinstance(n, bool) or n < 1 for _, n in self.fixed):
+      raise ValueError(f"Leaf fixed {self.fixed} must name dims other than {DIMS}, each "
+                       "once, with positive integer sizes")
+    if len(set(self.dims)) != len(self.dims) or not set(self.dims) <= set(DIMS) | set(own):
+      raise ValueError(f"Leaf dims {self.dims} must hold 'E' at most once (once: the expert "
+                       f"axis; none: shared by all experts) and only letters of {DIMS} or of "
+                       f"fixed {own}, each once")
     if self.init not in INITS:
       raise ValueError(f"Leaf init {self.init!r}; allowed: {INITS}")
-    if self.fsdp is not None and self.fsdp not in self.dims:
-      raise ValueError(f"Leaf fsdp {self.fsdp!r} is not one of its dims {self.dims}")
+    if self.init == "fan_in" and self.fan_in not in (set(DIMS) - {"E"}) | set(own):
+      raise ValueError(f"Leaf fan_in {self.fan_in!r} is not D, F or one of fixed {own}")
+    if self.fsdp is not None and (self.fsdp not in self.dims or self.fsdp == "E"):
+      raise ValueError(f"Leaf fsdp {self.fsdp!r} is not one of its dims {self.dims} "
+                       "other than E")
+
+  @property
+  def shared(self) -> bool:
+    """One array for all experts of the layer (no expert axis)."""
+    return "E" not in self.dims
 
   @property
   def expert_axis(self) -> int:
+    if self.shared:
+      raise ValueError(f"Leaf dims {self.dims} have no expert axis: the leaf is shared by "
+                       "all experts of the layer")
     return self.dims.index("E")
+
+  def sizes(self, d: int, f: int) -> dict[str, int]:
+    """{dim: size} of every dim but E."""
+    return {"D": d, "F": f, **dict(self.fixed)}
 
   def shape(self, e: int | None, d: int, f: int) -> tuple[int, ...]:
     """The leaf's shape; e=None drops the expert axis (one expert: shared experts)."""
-    size = {"E": e, "D": d, "F": f}
+    size = {"E": e, **self.sizes(d, f)}
     return tuple(size[x] for x in self.dims if not (x == "E" and e is None))
 
   def initializer(self, d: int, f: int, out_scale: float = 1.0):
@@ -83,7 +121,7 @@ class Leaf:
       return nn.initializers.zeros
     if self.init == "ones":
       return nn.initializers.ones
-    fan = {"D": d, "F": f}[self.fan_in]
+    fan = self.sizes(d, f)[self.fan_in]
     return fan_in_init(fan, out_scale if self.output else 1.0)
 
 
@@ -134,26 +172,37 @@ class ExpertFamily(abc.ABC):
 
   def dense(self, w: dict, x_TxD: jax.Array, dtype) -> jax.Array:
     """One expert (leaves without the E axis) on every token: [T, D] -> [T, D] float32."""
-    w_E = {k: jnp.expand_dims(v, self.leaves()[k].expert_axis) for k, v in w.items()}
+    leaves = self.leaves()
+    w_E = {k: v if leaves[k].shared else jnp.expand_dims(v, leaves[k].expert_axis)
+           for k, v in w.items()}
     return self.batched(w_E, x_TxD[None], dtype)[0]
 
+  def shared_leaves(self) -> dict[str, Leaf]:
+    """The leaves without an expert axis (one array per layer for all its experts)."""
+    return {k: leaf for k, leaf in self.leaves().items() if leaf.shared}
+
   def param_count(self, d: int, f: int) -> int:
-    """Parameters of one expert of hidden width f."""
-    total = 0
-    for leaf in self.leaves().values():
-      n = 1
-      for s in leaf.shape(None, d, f):
-        n *= s
-      total += n
-    return total
+    """Parameters of one expert of hidden width f (its own leaves, not the shared ones)."""
+    return _size([leaf for leaf in self.leaves().values() if not leaf.shared], d, f)
+
+  def shared_param_count(self, d: int, f: int) -> int:
+    """Parameters of the shared leaves: once per layer, whatever its number of experts."""
+    return _size(list(self.shared_leaves().values()), d, f)
+
+
+def _size(leaves: list[Leaf], d: int, f: int) -> int:
+  """Summed sizes of `leaves` without their expert axis."""
+  return sum(math.prod(leaf.shape(None, d, f)) for leaf in leaves)
 
 
 def expert_specs(family: ExpertFamily, axis: str) -> dict[str, P]:
-  """PartitionSpec of each leaf with its expert axis over mesh axis `axis` (shard_map)."""
+  """PartitionSpec of each leaf with its expert axis over mesh axis `axis` (shard_map);
+  shared leaves are replicated (every expert shard uses all of them)."""
   out = {}
   for name, leaf in family.leaves().items():
     spec = [None] * len(leaf.dims)
-    spec[leaf.expert_axis] = axis
+    if not leaf.shared:
+      spec[leaf.expert_axis] = axis
     out[name] = P(*spec)
   return out
 
@@ -168,9 +217,13 @@ class ExpertWeights:
 
   @property
   def num_experts(self) -> int:
-    """The experts these weights hold (E, or E_local inside expert parallelism)."""
-    name, leaf = next(iter(self.family.leaves().items()))
-    return int(self.w[name].shape[leaf.expert_axis])
+    """The experts these weights hold (E, or E_local inside expert parallelism): the expert
+    axis of the first leaf that has one."""
+    for name, leaf in self.family.leaves().items():
+      if not leaf.shared:
+        return int(self.w[name].shape[leaf.expert_axis])
+    raise ValueError(f"expert family {self.family.name!r} declares no leaf with an expert "
+                     "axis (every leaf is shared): it has no experts")
 
   def batched(self, x_ExCxD: jax.Array) -> jax.Array:
     return self.family.batched(self.w, x_ExCxD, self.dtype)

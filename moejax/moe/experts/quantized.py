@@ -40,8 +40,9 @@ ordinary `ExpertWeights` in the compute dtype, so every dispatcher and
 family runs unchanged (the ERC loss, moejax/moe/erc.py, measures the same
 dequantized weights through the family's `activation_norms`; no gradient
 reaches the codes, which are not parameters). A fresh quantized model's experts are its float
-initialisation quantized, slot = identity. Expert parallelism and the init
-sources that write float experts (init.from_dense, init.grow_from) are
+initialisation quantized, slot = identity. Expert parallelism, the init
+sources that write float experts (init.from_dense, init.grow_from) and
+families with leaves shared by all experts (moe.expert="latent") are
 refused by config key.
 """
 
@@ -365,6 +366,11 @@ def check_config(cfg) -> None:
     fail("moe.quant.experts8", q.experts8, "moe.quant.experts8 + experts4 + experts2 = "
          f"{total} must equal moe.num_experts={moe.num_experts} (every expert has one width)")
   leaves = get_family(moe).leaves()
+  shared = sorted(k for k, leaf in leaves.items() if leaf.shared)
+  if shared:
+    fail("moe.quant.scheme", q.scheme, f"needs experts of their own: moe.expert={moe.expert!r} "
+         f"has leaves {shared} shared by all experts of a layer, which the per-expert bit "
+         "classes do not hold; allowed: 'none' with this family")
   sizes = {"D": cfg.model.d_model, "F": moe.expert_hidden}
   mats = {name: leaf for name, leaf in leaves.items() if quantizable(leaf)}
   if not mats:

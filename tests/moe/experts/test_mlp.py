@@ -143,8 +143,9 @@ def test_leaves_and_param_count():
   leaf = ex.Leaf(("E", "F", "D"), fan_in="F", output=True, fsdp="F")
   assert leaf.expert_axis == 0 and leaf.shape(4, D, F) == (4, F, D)
   assert leaf.shape(None, D, F) == (F, D)
-  with pytest.raises(ValueError, match="'E' once"):
-    ex.Leaf(("D", "F"))
+  with pytest.raises(ValueError, match="'E' at most once"):
+    ex.Leaf(("E", "D", "E"))
+  assert ex.Leaf(("D", "F")).shared  # no expert axis: one array for all experts
   with pytest.raises(ValueError, match="init"):
     ex.Leaf(("E", "D"), init="uniform")
   with pytest.raises(ValueError, match="fsdp"):
