@@ -51,6 +51,7 @@ import numpy as np
 from moejax import model as lm
 from moejax import layout
 from moejax.layout import layer_plan
+from moejax.moe import pool as pool_lib
 from moejax.moe.types import SoftAssignment
 from moejax.train import data as data_lib
 from moejax.train import tokenizer as tok_lib
@@ -300,6 +301,8 @@ def capture(source: str | os.PathLike | Model, data: Any = "val", *,
   """
   model = source if isinstance(source, Model) else load_model(source, step)
   cfg = model.cfg
+  if why := pool_lib.refusal(cfg, "routing capture (per-layer expert ids)"):
+    raise ValueError(why)
   layer_ids, rows = _resolve_layers(cfg, layers)
   seq_len, batch = cfg.train.seq_len, cfg.train.batch_size
   domain_B, domain_names = None, []

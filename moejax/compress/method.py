@@ -19,6 +19,7 @@ from typing import Any, Callable
 import ml_collections
 
 from moejax import layout
+from moejax.moe import pool as pool_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,9 @@ def check_routed_experts(cfg: ml_collections.ConfigDict, verb: str) -> None:
   if a is not None and a.get("enabled", False):
     raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the experts of its "
                      f"base run (moe.adapters.base={a.base!r}); {verb} the base run instead")
+  why = pool_lib.refusal(cfg, f"tools/compress.py ({verb})")
+  if why:
+    raise ValueError(why)
 
 
 def quant_scheme(cfg: ml_collections.ConfigDict) -> str:

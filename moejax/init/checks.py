@@ -14,6 +14,7 @@ import ml_collections
 from moejax.checks import ConfigError, choice, fail, is_int, positive
 from moejax.init.grow import SELECTS
 from moejax.init.sources import check_sources
+from moejax.moe import pool as pool_lib
 
 
 def _run_dir(key: str, path: str) -> None:
@@ -52,6 +53,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         fail("init.grow_batches", nb, "must be a positive integer")
       if not moe.enabled or moe.router != "topk":
         fail("init.grow_from", init.grow_from, "needs moe.enabled=True and moe.router='topk'")
+    if (init.from_dense or init.grow_from) and (why := pool_lib.refusal(
+        cfg, "upcycling (init.from_dense) or growing (init.grow_from)")):
+      fail("moe.pool.kind", moe.pool.kind, why.split(": ", 1)[1])
     if (init.from_dense or init.grow_from) and adapters:
       fail("moe.adapters.enabled", True, "cannot be combined with init.from_dense/grow_from")
   if adapters:

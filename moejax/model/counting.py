@@ -9,7 +9,9 @@ grouped-query attention shares K/V projections, not score products, so W
 ignores num_kv_heads; latent attention has K_qk = qk_nope + qk_rope head
 dims and K_v = v_head_dim). Active parameters are those a token uses: every
 non-expert weight plus top_k routed experts and the shared experts (with the
-shared gate) of each MoE layer.
+shared gate) of each MoE layer. A cross-layer expert pool (moe.pool.kind !=
+"none") is counted once in the total; a token still uses top_k of its
+experts in each MoE layer, and each layer's router scores its R choices.
 
 Attention parameters (`plain_attention_params`) follow the layer's options:
 grouped-query K/V projections (model.num_kv_heads), model.head_dim, the
@@ -29,6 +31,7 @@ import ml_collections
 
 from moejax.layout import layer_plan
 from moejax.moe.experts import get_family
+from moejax.moe import pool as pool_lib
 from moejax.moe.layer import router_moe, shared_width
 from moejax.moe.routers import get_router
 
@@ -119,7 +122,10 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     shared = (family.param_count(d, width) + (d if moe.get("shared_gate", False) else 0)
               if width else 0)
     base = attn + norms + router.param_count(router_moe(moe), d) + shared  # R experts
-    total += n_periods * (base + moe.num_experts * expert)
+    if pool_lib.enabled(moe):  # one pool for all MoE layers
+      total += n_periods * base + pool_lib.pool_size(cfg) * expert
+    else:
+      total += n_periods * (base + moe.num_experts * expert)
     active += n_periods * (base - attn + attn_active + experts_per_token(cfg) * expert)
     total += router.shared_param_count(moe, d)
     active += router.shared_param_count(moe, d)
