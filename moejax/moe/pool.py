@@ -26,7 +26,9 @@ a window, r for the global pool) through its int32 map in the
 "expert_map" collection, the same map merged experts use
 (moejax/moe/layer.py). Gradients of every layer add up in the pool. Expert
 parallelism shards the pool's expert axis over `parallel.expert` exactly as
-a layer's experts, so the pool size must be divisible by it.
+a layer's experts, so the pool size must be divisible by it. Routing capture
+(moejax/analysis) reports ids over the pool's experts; what reads each
+layer's own experts refuses a pool run with `refusal`.
 
 Not modelled: UniPool's pool-level balancing loss (usage summed over layers)
 and its NormRouter (each layer keeps the configured router and balancing

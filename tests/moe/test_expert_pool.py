@@ -278,9 +278,12 @@ def test_per_layer_tools_refuse_a_pool_naming_the_key(tmp_path):
   with pytest.raises(ValueError, match=r"moe.pool.kind='window'.*prune"):
     check_routed_experts(cfg, "prune")
   assert any("moe.pool.kind='window'" in r for r in decoder.export_reasons(cfg))
+  from moejax.inference import trace  # noqa: PLC0415
   model = routing.Model(cfg=cfg, variables=lm.init(jax.random.key(0), cfg), step=0)
-  with pytest.raises(ValueError, match=r"moe.pool.kind='window'.*routing capture"):
-    routing.capture(model, np.zeros((1, 8), np.int32))
+  captured = routing.capture(model, np.zeros((1, 8), np.int32))  # over the pool's experts
+  assert captured.num_experts == pool_lib.pool_size(cfg) == 12
+  with pytest.raises(ValueError, match=r"moe.pool.kind='window'.*routing trace"):
+    trace.capture(model, np.zeros((1, 8), np.int32))
   run = tmp_path / "dense"
   (run / "checkpoints").mkdir(parents=True)
   (run / "config.json").write_text(json.dumps({}))
