@@ -80,6 +80,26 @@ def _mole(c):
   c.moe.latent.rank = 64
 
 
+def _unipool(c):
+  """UniPool: one global pool of 16 experts (half the quickstart's 4 x 8) that every MoE
+  layer's router scores. Total parameters 1,910,400 vs the quickstart's 3,479,168 (16
+  experts of 98,304 fewer, 4 x 128 x 8 router weights more: each router scores 16);
+  active per token 1,123,968 vs 1,119,872 (2 experts of width 256 per layer, as in the
+  quickstart, plus those router weights)."""
+  c.moe.pool.kind = "global"
+  c.moe.pool.size = 16
+
+
+def _rexmoe(c):
+  """ReXMoE: the quickstart's 4 x 8 experts in one pool; each MoE layer routes over the 16
+  experts of a window of 2 layers (itself and the next; the last layer the previous).
+  Total parameters 3,483,264 vs the quickstart's 3,479,168 (4 x 128 x 8 more router
+  weights: 16 choices per router); active per token 1,123,968 vs 1,119,872 (the same 2
+  experts of width 256 per layer, plus those router weights)."""
+  c.moe.pool.kind = "window"
+  c.moe.pool.window = 2
+
+
 VARIANTS = {
     "dense": _dense,
     "topk": _topk,
@@ -87,6 +107,8 @@ VARIANTS = {
     "zero_experts": _zero_experts,
     "chain": _chain,
     "mole": _mole,
+    "unipool": _unipool,
+    "rexmoe": _rexmoe,
 }
 
 

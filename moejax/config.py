@@ -99,6 +99,11 @@ def default_config() -> ml_collections.ConfigDict:
   # experts, each round with its own router, x_c = x_{c-1} + MoE_c(x_{c-1}).
   c.moe.chain = ml_collections.ConfigDict()
   c.moe.chain.rounds = 1  # C rounds (C * top_k expert applications per token); 1 = plain layer
+  # Cross-layer expert pool (moejax/moe/pool.py): one set of experts shared by all MoE layers.
+  c.moe.pool = ml_collections.ConfigDict()
+  c.moe.pool.kind = "none"  # "global" (UniPool) or "window" (ReXMoE); none: per-layer experts
+  c.moe.pool.size = 0  # kind="global": the pool's experts P (moe.num_experts is then unused)
+  c.moe.pool.window = 0  # kind="window": MoE layers (E experts each) a layer routes over
   # Quantized routed experts (moejax/moe/experts/quantized.py; tools/compress.py --method
   # quantize): packed codes in the non-trained "quant" collection. Per MoE layer,
   # experts8 / experts4 / experts2 experts at 8 / 4 / 2 bits (summing to num_experts).

@@ -51,6 +51,7 @@ import numpy as np
 from moejax import model as lm
 from moejax import layout
 from moejax.layout import layer_plan
+from moejax.moe import pool as pool_lib
 from moejax.moe.types import SoftAssignment
 from moejax.train import data as data_lib
 from moejax.train import tokenizer as tok_lib
@@ -301,6 +302,8 @@ def capture(source: str | os.PathLike | Model, data: Any = "val", *,
   model = source if isinstance(source, Model) else load_model(source, step)
   cfg = model.cfg
   layer_ids, rows = _resolve_layers(cfg, layers)
+  # Expert ids are those the layers dispatch to: a cross-layer pool's (moejax/moe/pool.py).
+  num_experts = pool_lib.dispatched_experts(cfg)[0]
   seq_len, batch = cfg.train.seq_len, cfg.train.batch_size
   domain_B, domain_names = None, []
   if isinstance(data, str):
@@ -354,10 +357,10 @@ def capture(source: str | os.PathLike | Model, data: Any = "val", *,
   for start in range(0, ids.shape[0], batch):
     sown = fn(model.variables, jnp.asarray(ids[start:start + batch]))
     sown = jax.tree.map(lambda x: np.asarray(x)[rows], jax.device_get(sown))
-    parts.append(dense_routing(sown, batch, ids.shape[1], cfg.moe.num_experts, cfg.moe.top_k))
+    parts.append(dense_routing(sown, batch, ids.shape[1], num_experts, cfg.moe.top_k))
   cat = lambda i: (None if parts[0][i] is None  # noqa: E731
                    else np.concatenate([p[i] for p in parts], axis=1)[:, real_B])
-  return Routing(layers=layer_ids, router=cfg.moe.router, num_experts=cfg.moe.num_experts,
+  return Routing(layers=layer_ids, router=cfg.moe.router, num_experts=num_experts,
                  top_k=cfg.moe.top_k, token_ids_BxL=ids[real_B], mask_BxL=mask[real_B],
                  weights_NxBxLxE=cat(0), selected_NxBxLxE=cat(1), probs_NxBxLxC=cat(2),
                  dispatch_NxBxLxE=cat(3), domain_B=domain_B, domain_names=domain_names,

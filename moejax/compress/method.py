@@ -20,6 +20,7 @@ import ml_collections
 
 from moejax import layout
 from moejax.moe.experts import get_family
+from moejax.moe import pool as pool_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,9 @@ def check_routed_experts(cfg: ml_collections.ConfigDict, verb: str) -> None:
   if a is not None and a.get("enabled", False):
     raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the experts of its "
                      f"base run (moe.adapters.base={a.base!r}); {verb} the base run instead")
+  why = pool_lib.refusal(cfg, f"tools/compress.py ({verb})")
+  if why:
+    raise ValueError(why)
 
 
 def check_own_leaves(cfg: ml_collections.ConfigDict, verb: str) -> None:

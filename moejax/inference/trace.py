@@ -33,6 +33,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from moejax.moe import pool as pool_lib
+
 FORMAT = "moejax-trace-1"
 FINGERPRINT_KEYS = ("num_layers", "d_model", "num_experts", "top_k", "router", "expert_hidden",
                     "dtype")
@@ -357,6 +359,8 @@ def capture(source, data: Any = "val", *, step: int | None = None, **kwargs) -> 
 
   model = (source if isinstance(source, routing_lib.Model)
            else routing_lib.load_model(source, step))
+  if why := pool_lib.refusal(model.cfg, "a routing trace (per-layer experts)"):
+    raise ValueError(why)
   return from_routing(routing_lib.capture(model, data, **kwargs), fingerprint(model.cfg))
 
 

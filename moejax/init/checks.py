@@ -16,6 +16,7 @@ from moejax.init.grow import SELECTS
 from moejax.init.sources import check_sources
 from moejax.moe import chain
 from moejax.moe.experts import get_family
+from moejax.moe import pool as pool_lib
 
 
 def _run_dir(key: str, path: str) -> None:
@@ -63,6 +64,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       if chain.rounds(moe) > 1:
         fail("moe.chain.rounds", chain.rounds(moe), "must be 1 with init.grow_from (growing "
              "duplicates the columns of one router per MoE layer)")
+    if (init.from_dense or init.grow_from) and (why := pool_lib.refusal(
+        cfg, "upcycling (init.from_dense) or growing (init.grow_from)")):
+      fail("moe.pool.kind", moe.pool.kind, why.split(": ", 1)[1])
     if (init.from_dense or init.grow_from) and adapters:
       fail("moe.adapters.enabled", True, "cannot be combined with init.from_dense/grow_from")
   if adapters:

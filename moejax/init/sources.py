@@ -17,6 +17,7 @@ from moejax.config import flat_keys, with_defaults
 from moejax.init.grow import grown_grouping
 from moejax.layout import layer_plan
 from moejax.moe.experts import get_family
+from moejax.moe import pool as pool_lib
 
 # Keys that shape the parameters: a source run must agree on them (the
 # attention's form included: grouped-query K/V heads, head width, biases,
@@ -90,6 +91,9 @@ def check_sources(cfg: ml_collections.ConfigDict) -> None:
     if not src.moe.enabled or src.moe.router != "topk":
       raise ValueError(f"config key init.grow_from={init.grow_from!r} is invalid: that run "
                        "must be an MoE with moe.router='topk'")
+    if why := pool_lib.refusal(src, "growing experts (init.grow_from)"):
+      raise ValueError(f"config key init.grow_from={init.grow_from!r} is invalid: that run "
+                       f"has {why}")
     _model_mismatch(src, cfg, "init.grow_from", init.grow_from, MODEL_KEYS + ("ffn_hidden",))
     select = init.get("grow_select", "all")
     e_src = src.moe.num_experts

@@ -19,6 +19,7 @@ from moejax.interop import mapping as mp
 from moejax.interop.errors import ConversionError
 from moejax.interop.hf_config import HFConfig
 from moejax.moe import chain
+from moejax.moe import pool as pool_lib
 
 LAYER = "model.layers.{i}."
 
@@ -197,6 +198,9 @@ def export_reasons(cfg) -> list[str]:
     out.append("moe.adapters.enabled=True (routed LoRA adapters)")
   if not moe.enabled:
     return out
+  if pool_lib.enabled(moe):
+    out.append(f"moe.pool.kind={pool_lib.kind(moe)!r} (a cross-layer expert pool; HF MoE "
+               "layers own their experts)")
   if moe.expert != "swiglu":
     out.append(f"moe.expert={moe.expert!r} (HF MoE experts are SwiGLU)")
   if chain.rounds(moe) > 1:

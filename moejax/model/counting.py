@@ -9,7 +9,9 @@ grouped-query attention shares K/V projections, not score products, so W
 ignores num_kv_heads; latent attention has K_qk = qk_nope + qk_rope head
 dims and K_v = v_head_dim). Active parameters are those a token uses: every
 non-expert weight plus top_k routed experts and the shared experts (with the
-shared gate) of each MoE layer.
+shared gate) of each MoE layer. A cross-layer expert pool (moe.pool.kind !=
+"none") is counted once in the total; a token still uses top_k of its
+experts in each MoE layer, and each layer's router scores its R choices.
 
 Training vs inference: `params_active` counts the experts a token uses in
 training (the router's `experts_per_token`), `params_active_inference` those
@@ -68,6 +70,7 @@ from moejax.layout import layer_plan
 from moejax.model import head_experts
 from moejax.moe import chain
 from moejax.moe.experts import get_family
+from moejax.moe import pool as pool_lib
 from moejax.moe.layer import router_moe, shared_width
 from moejax.moe.routers import get_router
 
@@ -190,7 +193,10 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     zero = router.zero_computation(moe)
     zero = zero.param_count(d) if zero is not None else 0  # constant experts: every token
     base = attn + norms + routers + zero + shared_leaf_params(cfg)
-    total += n_periods * (base + shared + moe.num_experts * expert)
+    if pool_lib.enabled(moe):  # one pool for all MoE layers
+      total += n_periods * (base + shared) + pool_lib.pool_size(cfg) * expert
+    else:
+      total += n_periods * (base + shared + moe.num_experts * expert)
     active += n_periods * (base - attn + attn_active + rounds * shared
                            + experts_per_token(cfg) * expert)
     inference += n_periods * (base - attn + attn_active + rounds * shared

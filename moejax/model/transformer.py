@@ -6,6 +6,10 @@ as one scanned stack; the rest as a scanned stack of identical "periods" of
 moe.every layers (one MoE layer followed by every-1 dense layers), so compile
 time does not grow with depth (moejax/layout.py: where they live).
 
+With a cross-layer expert pool (moe.pool.kind != "none", moejax/moe/pool.py)
+the pool's experts are created once here, outside the scan, and passed to
+every MoE layer with its index among the MoE layers (a scanned input).
+
 Auxiliary losses (the MoE layers', the attention experts', Mixture-of-Head
 attention's, the adapters') come out of every block the same way, unweighted
 and by name, and the model returns them in aux["losses"]
@@ -34,8 +38,10 @@ from moejax.model.latent_attention import LatentAttention
 from moejax.moe import MoELayer
 from moejax.moe import adapters as adapters_lib
 from moejax.moe import layer as moe_layer
+from moejax.moe import pool as pool_lib
 from moejax.moe.adapters import MASK_COLLECTION as ADAPTER_MASK
 from moejax.moe.adapters import make_adapter
+from moejax.moe.experts import ExpertWeights, get_family
 from moejax.moe.experts.quantized import COLLECTION as QUANT
 from moejax.moe.routers import get_router
 
@@ -108,7 +114,9 @@ class Block(nn.Module):
   The carry is (x [B, L, D], router carry); the router carry is state a
   router passes from one MoE layer to the next (the layerwise recurrent
   router's hidden state) and `shared` holds router weights shared by all
-  layers; both are empty for other routers. Returns (carry, {"losses":
+  layers; both are empty for other routers. `pool` is the cross-layer
+  expert pool (or None) and `moe_layer` the block's index among the MoE
+  layers. Returns (carry, {"losses":
   this block's unweighted auxiliary losses, "moe": the MoE layer's aux or
   None}).
   """
@@ -119,7 +127,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, Any], token_ids_BxL: jax.Array,
-               shared: dict, dec: Decoding | None = None) -> tuple[tuple[jax.Array, Any], dict]:
+               shared: dict, dec: Decoding | None = None, pool: ExpertWeights | None = None,
+               moe_layer: jax.Array | int = 0) -> tuple[tuple[jax.Array, Any], dict]:
     x_BxLxD, router_carry = carry
     m = self.cfg.model
     out_scale = 1.0 / math.sqrt(2 * m.num_layers)
@@ -158,7 +167,7 @@ class Block(nn.Module):
     if self.use_moe:
       h, moe_aux, router_carry = MoELayer(self.cfg.moe, m.dtype, out_scale, name=layout.MOE)(
           z, token_ids_BxL=token_ids_BxL, router_carry=router_carry, shared=shared,
-          deterministic=self.deterministic)
+          deterministic=self.deterministic, pool=pool, moe_layer=moe_layer)
       losses.update(moe_aux.pop("losses"))
     else:
       h = SwiGLU(m.ffn_hidden, m.dtype, out_scale, name="ffn")(z)
@@ -186,14 +195,16 @@ class Period(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, carry, token_ids_BxL: jax.Array, shared: dict, dec: Decoding | None):
+  def __call__(self, carry, token_ids_BxL: jax.Array, shared: dict, dec: Decoding | None,
+               pool: ExpertWeights | None, index: jax.Array):
+    """`index`: the period's index along its stack (scanned): an MoE period's MoE layer."""
     block = Block
     if self.cfg.model.remat:
       block = nn.remat(Block, prevent_cse=False)
     per_block, moe_aux = [], None
     for j in range(self.n):
       carry, out = block(self.cfg, self.first_moe and j == 0, self.deterministic,
-                         name=f"block{j}")(carry, token_ids_BxL, shared, dec)
+                         name=f"block{j}")(carry, token_ids_BxL, shared, dec, pool, index)
       per_block.append(out["losses"])
       moe_aux = out["moe"] if out["moe"] is not None else moe_aux
     names = sorted({k for losses in per_block for k in losses})
@@ -207,7 +218,8 @@ def _scanned(cfg, length: int, n: int, first_moe: bool, deterministic: bool,
                                           moe_layer.EXPERT_MAP: 0, "intermediates": 0,
                                           ADAPTER_MASK: 0, "cache": 0, QUANT: 0},
                   split_rngs={"params": True, "router": True},
-                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length,
+                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                  length=length,
                   metadata_params={nn.PARTITION_NAME: "layers"})
   return stack(cfg, n, first_moe, deterministic, name=name)
 
@@ -252,21 +264,28 @@ class TransformerLM(nn.Module):
                        (m.vocab_size, m.d_model))
     x = jnp.take(embed, ids_BxL, axis=0)
     n_dense, n_periods = layout.layer_plan(self.cfg)
-    carry, shared = (x, None), {}
+    carry, shared, pool = (x, None), {}, None
     if n_periods:
       router = get_router(self.cfg.moe.router)
       b, l = ids_BxL.shape
       carry = (x, router.init_carry(b * l, self.cfg.moe))
       shared = router.make_shared(self, m.d_model, self.cfg.moe)
+      if pool_lib.enabled(self.cfg.moe):  # one set of experts for every MoE layer
+        pool = pool_lib.ExpertPool(
+            get_family(self.cfg.moe), pool_lib.pool_size(self.cfg), self.cfg.moe.expert_hidden,
+            DTYPES[m.dtype], 1.0 / math.sqrt(2 * m.num_layers), name=pool_lib.MODULE)(m.d_model)
     outs = []
     if n_dense:
       carry, out = _scanned(self.cfg, n_dense, 1, False, self.deterministic,
-                            layout.DENSE_STACK)(carry, ids_BxL, shared, dec)
+                            layout.DENSE_STACK)(carry, ids_BxL, shared, dec, None,
+                                                jnp.arange(n_dense, dtype=jnp.int32))
       outs.append(out)
     aux = {"metrics": {}, "state_stats": {}, "balance_counts": None}
     if n_periods:
       carry, out = _scanned(self.cfg, n_periods, self.cfg.moe.every, True,
-                            self.deterministic, layout.MOE_STACK)(carry, ids_BxL, shared, dec)
+                            self.deterministic, layout.MOE_STACK)(
+                                carry, ids_BxL, shared, dec, pool,
+                                jnp.arange(n_periods, dtype=jnp.int32))
       outs.append(out)
       aux = dict(out["moe"])
     per_name: dict[str, list[jax.Array]] = {}

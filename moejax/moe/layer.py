@@ -30,6 +30,12 @@ moejax/moe/chain.py) the layer routes C times over the same experts, round c
 with its own router on x_{c-1} (x_c = x_{c-1} + y_c), returns sum_c y_c, and
 combines the rounds' losses and metrics as chain.py documents.
 
+With a cross-layer expert pool (`moe.pool.kind` "global" or "window",
+moejax/moe/pool.py) the layer owns no experts: it gets the pool's weights
+from the model, its router scores the R choices of `pool.num_choices` and
+the same "map" [R] sends choice r of MoE layer i to pool expert
+`pool.layer_map(i)[r]`; load metrics are over the pool's experts.
+
 What the layer reports is declared: `aux_losses(cfg)` (the balancing losses
 of `moe.balance`, the z-loss, the router-entropy and ERC losses when on, and
 the router's own) and `metric_schema(cfg)`
@@ -56,9 +62,10 @@ from moejax.moe import losses as moe_losses
 from moejax.moe import router_entropy
 from moejax.moe import metrics as moe_metrics
 from moejax.moe import experts as expert_families
+from moejax.moe import pool as pool_lib
 from moejax.moe.dispatch import DISPATCHERS, expert_parallel, get_dispatcher
 from moejax.moe.dispatch.soft import soft_dispatch
-from moejax.moe.experts import SharedExperts, get_family
+from moejax.moe.experts import ExpertWeights, SharedExperts, get_family
 from moejax.moe.experts import quantized as quantized_experts
 from moejax.moe.metrics import LAYER_METRICS, Metric
 from moejax.moe.routers import ROUTERS, get_router
@@ -73,13 +80,17 @@ MAPPABLE_ROUTERS = ("topk", "sigmoid_bias", "group_limited")  # sparse choices o
 
 
 def router_experts(cfg_moe) -> int:
-  """R, the experts the router scores: moe.num_router_experts, or moe.num_experts when 0."""
+  """R, the experts the router scores: a pool layer's choices (moejax/moe/pool.py), else
+  moe.num_router_experts, or moe.num_experts when 0."""
+  if pool_lib.enabled(cfg_moe):
+    return pool_lib.num_choices(cfg_moe)
   return int(cfg_moe.get("num_router_experts", 0) or cfg_moe.num_experts)
 
 
 def has_expert_map(cfg_moe) -> bool:
-  """Whether the router's choices go through the layer's expert map (R != moe.num_experts)."""
-  return router_experts(cfg_moe) != cfg_moe.num_experts
+  """Whether the router's choices go through the layer's expert map (R != moe.num_experts,
+  or a cross-layer pool)."""
+  return pool_lib.enabled(cfg_moe) or router_experts(cfg_moe) != cfg_moe.num_experts
 
 
 def default_map(num_router_experts: int, num_experts: int) -> jax.Array:
@@ -97,7 +108,7 @@ def _router_moe(frozen: ml_collections.FrozenConfigDict) -> ml_collections.Froze
 def router_moe(cfg_moe) -> ml_collections.FrozenConfigDict:
   """The `moe` config as the router sees it: moe.num_experts = R (its count of choices)."""
   frozen = ml_collections.FrozenConfigDict(cfg_moe)
-  return _router_moe(frozen) if has_expert_map(frozen) else frozen
+  return _router_moe(frozen) if router_experts(frozen) != frozen.num_experts else frozen
 
 
 def _check_expert_map(cfg: ml_collections.ConfigDict) -> None:
@@ -182,9 +193,13 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   if "num_router_experts" in moe:
     positive_int(cfg, "moe.num_router_experts", allow_zero=True)
   _check_expert_map(cfg)
+  pool_lib.check_config(cfg, MAPPABLE_ROUTERS)
   _check_skipping(cfg)
   chain.check_config(cfg)
   r = router_experts(moe)
+  if pool_lib.enabled(moe) and moe.top_k > r:
+    fail("moe.top_k", moe.top_k, f"must be <= the {r} experts each MoE layer's router "
+         f"chooses from (moe.pool.kind={pool_lib.kind(moe)!r})")
   if moe.top_k > r:
     fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}" if r ==
          moe.num_experts else f"must be <= moe.num_router_experts={r}")
@@ -269,22 +284,35 @@ class MoELayer(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, *, token_ids_BxL: jax.Array | None = None,
                router_carry: Any = None, shared: dict | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, dict, Any]:
+               deterministic: bool = True, pool: ExpertWeights | None = None,
+               moe_layer: jax.Array | int = 0) -> tuple[jax.Array, dict, Any]:
+    """`pool`: the cross-layer pool's experts (moe.pool.kind != "none", else None);
+    `moe_layer`: this layer's index among the MoE layers (its pool map)."""
     cfg = self.cfg
+    if pool_lib.enabled(cfg) != (pool is not None):
+      raise ValueError(f"moe.pool.kind={pool_lib.kind(cfg)!r} but the MoE layer was "
+                       f"{'given no' if pool is None else 'given a'} pool of experts")
     b, l, d = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(b * l, d)
     ids_T = None if token_ids_BxL is None else token_ids_BxL.reshape(b * l)
     router_cls = get_router(cfg.router)
     num_rounds = chain.rounds(cfg)
     map_R = None
-    if has_expert_map(cfg):  # router experts -> (merged) experts
+    if pool is not None:  # router choices -> the pool's experts
+      map_R = self.variable(EXPERT_MAP, "map", pool_lib.layer_map, moe_layer, cfg,
+                            pool.num_experts).value
+    elif has_expert_map(cfg):  # router experts -> (merged) experts
       map_R = self.variable(EXPERT_MAP, "map", default_map, router_experts(cfg),
                             cfg.num_experts).value
     self.sow("intermediates", "moe_input", x_TxD)  # the layer's input (moejax/compress)
     family = get_family(cfg)
     dtype = DTYPES[self.dtype]
-    experts = quantized_experts.experts_module(cfg)(  # moe.quant: packed experts
-        family, cfg.num_experts, cfg.expert_hidden, dtype, self.out_scale, name="experts")(d)
+    if pool is not None:
+      experts = pool.replace(dtype=dtype)
+    else:
+      experts = quantized_experts.experts_module(cfg)(  # moe.quant: packed experts
+          family, cfg.num_experts, cfg.expert_hidden, dtype, self.out_scale, name="experts")(d)
+    num_experts = experts.num_experts  # what the assignment's ids index (the pool's, or E)
     shared_experts = shared_gate = None
     if cfg.num_shared_experts > 0:
       shared_experts = SharedExperts(family, shared_width(cfg), dtype, self.out_scale,
@@ -331,10 +359,10 @@ class MoELayer(nn.Module):
         y_TxD = y_TxD + zero_experts(x_TxD, route.zero_weights_TxZ)
 
       if soft:  # every expert processes the same number of slots: uniform load
-        counts_E = jnp.ones((cfg.num_experts,), jnp.float32)
-        experts_per_token = jnp.asarray(cfg.num_experts, jnp.float32)
+        counts_E = jnp.ones((num_experts,), jnp.float32)
+        experts_per_token = jnp.asarray(num_experts, jnp.float32)
       else:
-        counts_E = assignment.expert_counts(cfg.num_experts)
+        counts_E = assignment.expert_counts(num_experts)
         experts_per_token = jnp.sum(assignment.valid) / (b * l)
       zero = jnp.zeros((), jnp.float32)
       losses = {moe_losses.BALANCE_KINDS[k]: zero for k in kinds}

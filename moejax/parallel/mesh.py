@@ -9,7 +9,9 @@ divides it (a leaf the family shares by all experts of a layer, without an
 expert axis, is replicated over 'expert'); every other parameter, and the
 optimizer state that mirrors it,
 over 'fsdp' on its largest dimension divisible by the fsdp size (replicated
-when none is).
+when none is). A cross-layer expert pool's leaves
+("expert_pool/experts/<leaf>", moejax/moe/pool.py) are expert leaves too,
+so expert parallelism shards the pool as it shards a layer's experts.
 Size checks raise `ConfigError` before anything is compiled.
 """
 
@@ -28,6 +30,7 @@ from moejax.checks import ConfigError, fail
 from moejax.parallel.axes import AXES, TOKEN_AXES
 
 from moejax.layout import EXPERTS as EXPERTS_MODULE
+from moejax.moe import pool as pool_lib
 from moejax.moe.experts import Leaf, get_family
 
 
@@ -42,9 +45,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   if len(free) > 1:
     raise ConfigError("config keys " + ", ".join(f"parallel.{a}=-1" for a in free)
                       + " are invalid: at most one parallel axis may be -1")
-  if cfg.moe.enabled and par.expert > 0 and cfg.moe.num_experts % par.expert:
-    fail("parallel.expert", par.expert,
-         f"the expert axis size must divide moe.num_experts={cfg.moe.num_experts}")
+  if cfg.moe.enabled:
+    n, key = pool_lib.dispatched_experts(cfg)
+    if par.expert > 0 and n % par.expert:
+      fail("parallel.expert", par.expert, f"the expert axis size must divide {key}={n}")
 
 
 def resolve_axes(sizes: dict[str, int], num_devices: int, *, num_experts: int | None = None,
@@ -98,7 +102,8 @@ def axes_from_config(cfg: ml_collections.ConfigDict, num_devices: int | None = N
   par, t = cfg.parallel, cfg.train
   micro = t.batch_size // t.grad_accum_steps if t.grad_accum_steps else t.batch_size
   return resolve_axes({a: par[a] for a in AXES}, n,
-                      num_experts=cfg.moe.num_experts if cfg.moe.enabled else None,
+                      num_experts=(pool_lib.dispatched_experts(cfg)[0] if cfg.moe.enabled
+                                   else None),
                       batch_size=micro)
 
 
