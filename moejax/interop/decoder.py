@@ -194,6 +194,11 @@ def export_reasons(cfg) -> list[str]:
     out.append("moe.adapters.enabled=True (routed LoRA adapters)")
   if not moe.enabled:
     return out
+  if not layout.is_uniform(cfg):
+    schedule = layout.moe_schedule(cfg)
+    out.append(f"moe.layer_schedule.kind={moe.layer_schedule.kind!r} (experts per MoE layer "
+               f"{[e for e, _ in schedule]}, top-k {[k for _, k in schedule]}; HF MoE "
+               "families have one num_experts and top-k for every layer)")
   if moe.expert != "swiglu":
     out.append(f"moe.expert={moe.expert!r} (HF MoE experts are SwiGLU)")
   if moe.dispatch == "capacity":

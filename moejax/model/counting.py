@@ -9,7 +9,8 @@ grouped-query attention shares K/V projections, not score products, so W
 ignores num_kv_heads; latent attention has K_qk = qk_nope + qk_rope head
 dims and K_v = v_head_dim). Active parameters are those a token uses: every
 non-expert weight plus top_k routed experts and the shared experts (with the
-shared gate) of each MoE layer.
+shared gate) of each MoE layer. With a layer-wise schedule (moe.layer_schedule)
+each MoE layer counts its own experts, router width and top-k.
 
 Attention parameters (`plain_attention_params`) follow the layer's options:
 grouped-query K/V projections (model.num_kv_heads), model.head_dim, the
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from moejax.layout import layer_plan
+from moejax.layout import is_uniform, layer_config, layer_plan, moe_schedule
 from moejax.moe.experts import get_family
 from moejax.moe.layer import router_moe, shared_width
 from moejax.moe.routers import get_router
@@ -118,9 +119,13 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     width = shared_width(moe)
     shared = (family.param_count(d, width) + (d if moe.get("shared_gate", False) else 0)
               if width else 0)
-    base = attn + norms + router.param_count(router_moe(moe), d) + shared  # R experts
-    total += n_periods * (base + moe.num_experts * expert)
-    active += n_periods * (base - attn + attn_active + experts_per_token(cfg) * expert)
+    schedule = moe_schedule(cfg)
+    for shape in sorted(set(schedule)):  # each distinct (E, k) of moe.layer_schedule
+      n = schedule.count(shape)
+      layer_cfg = cfg if is_uniform(cfg) else layer_config(cfg, shape)
+      base = attn + norms + router.param_count(router_moe(layer_cfg.moe), d) + shared  # R
+      total += n * (base + shape[0] * expert)
+      active += n * (base - attn + attn_active + experts_per_token(layer_cfg) * expert)
     total += router.shared_param_count(moe, d)
     active += router.shared_param_count(moe, d)
   return {"params_total": total, "params_active": active,

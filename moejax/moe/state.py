@@ -7,6 +7,10 @@ stacked over MoE layers by the layer scan, and is updated from the step's
 `update_state(state, stats, cfg)`, vmapped over layers. A router with
 `pool_stats_over_layers = True` gets every layer's stats summed over all MoE
 layers instead (one model-wide statistic, e.g. ReMoE's mean sparsity).
+
+With a layer-wise expert schedule the stats come as a tuple with one entry
+per MoE column (`moejax.layout.moe_columns`, the model's aux): each column's
+state is updated with its own stats and its layers' `moe` config (E, k).
 """
 
 from __future__ import annotations
@@ -19,16 +23,39 @@ from moejax import layout
 from moejax.moe.routers import get_router
 
 
-def update_router_state(moe_state: dict, stats: dict,
-                        cfg_moe: ml_collections.ConfigDict) -> dict:
-  """New "moe_state" collection; unchanged for routers that declare no state or stats."""
+def _pooled(columns: list[dict]) -> list[dict]:
+  """Every column's stats replaced by the sum over all MoE layers, broadcast per layer."""
+  total = jax.tree.map(lambda *vs: sum(jnp.sum(v, axis=0) for v in vs), *columns)
+  return [jax.tree.map(lambda t, v: jnp.broadcast_to(t, v.shape), total, c) for c in columns]
+
+
+def update_router_state(moe_state: dict, stats: dict | tuple,
+                        cfg_moe: ml_collections.ConfigDict,
+                        columns: tuple[layout.Column, ...] = ()) -> dict:
+  """New "moe_state" collection; unchanged for routers that declare no state or stats.
+
+  `stats` is {name: [num_moe_layers, ...]} for a model with one MoE stack, or (a
+  scheduled model) a tuple over its MoE `columns` (`layout.moe_columns(cfg)`).
+  """
   router = get_router(cfg_moe.router)
-  if not stats or not router.state_names(cfg_moe):
+  if not router.state_names(cfg_moe):
     return moe_state
-  node = layout.get(moe_state, layout.ROUTER_PATH, "moe_state")
+  if isinstance(stats, dict):
+    stats, shapes, paths = [stats], [None], [layout.ROUTER_PATH]
+  else:
+    if len(columns) != len(stats):
+      raise ValueError(f"update_router_state: {len(stats)} MoE columns of stats but "
+                       f"{len(columns)} columns")
+    shapes = [c.shape for c in columns]
+    paths = [c.path + (layout.ROUTER,) for c in columns]
+  if not any(stats):
+    return moe_state
   if router.pool_stats_over_layers:  # one model-wide statistic
-    stats = jax.tree.map(
-        lambda v: jnp.broadcast_to(jnp.sum(v, axis=0, keepdims=True), v.shape), stats)
-  frozen = ml_collections.FrozenConfigDict(cfg_moe)
-  new_node = jax.vmap(lambda s, st: router.update_state(s, st, frozen))(node, stats)
-  return layout.replace(moe_state, layout.ROUTER_PATH, new_node)
+    stats = _pooled(list(stats))
+  for path, st, shape in zip(paths, stats, shapes):
+    frozen = ml_collections.FrozenConfigDict(
+        cfg_moe if shape is None else layout.layer_moe(cfg_moe, shape))
+    node = layout.get(moe_state, path, "moe_state")
+    new_node = jax.vmap(lambda s, x, f=frozen: router.update_state(s, x, f))(node, st)
+    moe_state = layout.replace(moe_state, path, new_node)
+  return moe_state
