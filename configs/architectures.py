@@ -100,6 +100,16 @@ def _rexmoe(c):
   c.moe.pool.window = 2
 
 
+def _schedule(c):
+  """Pyramid-residual-style layer-wise schedule (DeepSpeed-MoE's PR-MoE pyramid; DynaMoE's
+  layer-wise capacity): experts per MoE layer 4, 4, 8, 8 (moe.num_experts=8 the widest),
+  top-2 everywhere. The active expert compute of topk (2 experts of width 256 per token and
+  layer) with 24 routed experts instead of 32: 2.69M instead of 3.48M total parameters
+  (77%), 1.12M active in both (the two 4-expert routers are 1,024 parameters smaller)."""
+  c.moe.layer_schedule.kind = "pyramid"
+  c.moe.layer_schedule.min_experts = 4
+
+
 VARIANTS = {
     "dense": _dense,
     "topk": _topk,
@@ -109,6 +119,7 @@ VARIANTS = {
     "mole": _mole,
     "unipool": _unipool,
     "rexmoe": _rexmoe,
+    "schedule": _schedule,
 }
 
 

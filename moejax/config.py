@@ -104,6 +104,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.pool.kind = "none"  # "global" (UniPool) or "window" (ReXMoE); none: per-layer experts
   c.moe.pool.size = 0  # kind="global": the pool's experts P (moe.num_experts is then unused)
   c.moe.pool.window = 0  # kind="window": MoE layers (E experts each) a layer routes over
+  # Layer-wise expert schedule (moejax/layout.py): experts and top-k per MoE layer, the
+  # widest layer having moe.num_experts experts and top-k moe.top_k.
+  c.moe.layer_schedule = ml_collections.ConfigDict()
+  c.moe.layer_schedule.kind = "constant"  # pyramid, reverse_pyramid, wave, list
+  c.moe.layer_schedule.experts = ""  # kind=list: experts of each MoE layer, "4,4,8,8"
+  c.moe.layer_schedule.top_k = ""  # "" = moe.top_k in every MoE layer; or "1,2,2,2"
+  c.moe.layer_schedule.min_experts = 4  # pyramid/wave: the smallest layer (divides num_experts)
+  c.moe.layer_schedule.period = 2  # wave: MoE layers per period (even: peaks at period/2)
   # Quantized routed experts (moejax/moe/experts/quantized.py; tools/compress.py --method
   # quantize): packed codes in the non-trained "quant" collection. Per MoE layer,
   # experts8 / experts4 / experts2 experts at 8 / 4 / 2 bits (summing to num_experts).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from moejax.analysis import coactivation, load, saturation
-from moejax.analysis.routing import Model, Routing, capture
+from moejax.analysis.routing import Model, Routing, capture, layer_groups
 
 
 def routing_metrics(routing: Routing, previous: Routing | None = None) -> dict[str, float]:
@@ -32,9 +32,20 @@ def routing_metrics(routing: Routing, previous: Routing | None = None) -> dict[s
   return out
 
 
-def eval_metrics(cfg, variables: dict, inputs_BxL: np.ndarray, previous: Routing | None = None
-                 ) -> tuple[dict[str, float], Routing]:
+def eval_metrics(cfg, variables: dict, inputs_BxL: np.ndarray,
+                 previous: Routing | list[Routing] | None = None
+                 ) -> tuple[dict[str, float], Routing | list[Routing]]:
   """(metrics, routing) of the model `variables` on one batch; pass the routing
-  back as `previous` at the next evaluation."""
-  routing = capture(Model(cfg=cfg, variables=variables), np.asarray(inputs_BxL))
-  return routing_metrics(routing, previous), routing
+  back as `previous` at the next evaluation. With a layer-wise schedule the
+  routing is a list, one `Routing` per group of MoE layers of one shape
+  (`layer_groups`)."""
+  model = Model(cfg=cfg, variables=variables)
+  groups = layer_groups(cfg)
+  if len(groups) == 1:
+    routing = capture(model, np.asarray(inputs_BxL))
+    return routing_metrics(routing, previous), routing
+  routings = [capture(model, np.asarray(inputs_BxL), layers=ls) for ls in groups.values()]
+  out: dict[str, float] = {}
+  for i, r in enumerate(routings):
+    out.update(routing_metrics(r, None if previous is None else previous[i]))
+  return out, routings

@@ -50,7 +50,6 @@ import numpy as np
 
 from moejax import model as lm
 from moejax import layout
-from moejax.layout import layer_plan
 from moejax.moe import pool as pool_lib
 from moejax.moe.types import SoftAssignment
 from moejax.train import data as data_lib
@@ -111,9 +110,17 @@ class Routing:
 
 
 def moe_layers(cfg: ml_collections.ConfigDict) -> list[int]:
-  """Model layer index of each MoE layer, in the order the model stacks them."""
-  n_dense, n_periods = layer_plan(cfg)
-  return [n_dense + p * cfg.moe.every for p in range(n_periods)]
+  """Model layer index of each MoE layer, in layer order."""
+  return layout.moe_layer_indices(cfg)
+
+
+def layer_groups(cfg: ml_collections.ConfigDict) -> dict[tuple[int, int], list[int]]:
+  """{(experts, top-k): model layers}: the MoE layers a `Routing` can hold together (one
+  group unless moe.layer_schedule gives layers different shapes)."""
+  out: dict[tuple[int, int], list[int]] = {}
+  for layer, shape in zip(moe_layers(cfg), layout.moe_schedule(cfg)):
+    out.setdefault(shape, []).append(layer)
+  return out
 
 
 # --------------------------------------------------------------------------- loading
@@ -219,10 +226,15 @@ def _split_rows(cfg: ml_collections.ConfigDict, split: str, num_batches: int
 def _routing_fn(frozen: ml_collections.FrozenConfigDict):
   model = lm.TransformerLM(frozen, True)
 
+  uniform = layout.is_uniform(frozen)
+
   @jax.jit
   def fn(variables, ids_BxL):
     _, inter = model.apply(variables, ids_BxL, mutable=["intermediates"])
-    return layout.get(inter["intermediates"], layout.MOE_PATH + ("routing",))[0]
+    if uniform:  # leaves stacked over the MoE layers
+      return layout.get(inter["intermediates"], layout.MOE_PATH + ("routing",))[0]
+    return [r[0] for r in layout.layer_nodes(frozen, inter["intermediates"], ("routing",),
+                                             "the sown routing")]  # one per MoE layer
 
   return fn
 
@@ -268,19 +280,32 @@ def dense_routing(sown: dict, b: int, l: int, num_experts: int, top_k: int
   return w_NxTxE.reshape(n, b, l, e), sel.reshape(n, b, l, e), probs, None
 
 
-def _resolve_layers(cfg, layers) -> tuple[list[int], list[int]]:
+def _resolve_layers(cfg, layers) -> tuple[list[int], list[int], tuple[int, int]]:
+  """(model layers, their MoE-layer positions, their (experts, top-k))."""
   all_layers = moe_layers(cfg)
   if not all_layers:
     raise ValueError("the model has no MoE layer (moe.enabled is False or no layer is MoE); "
                      "there is no routing to capture")
+  groups = layer_groups(cfg)
   if layers is None:
-    return all_layers, list(range(len(all_layers)))
+    if len(groups) > 1:
+      raise ValueError(
+          f"moe.layer_schedule.kind={cfg.moe.layer_schedule.kind!r} gives the MoE layers "
+          "different experts / top-k and a Routing holds layers of one shape; pass layers= "
+          "one group of " + ", ".join(f"{ls} ({e} experts, top-k {k})"
+                                      for (e, k), ls in groups.items()))
+    layers = all_layers
   layers = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
   bad = [x for x in layers if x not in all_layers]
   if bad or not layers:
     raise ValueError(f"layers={layers!r}: {bad or 'empty'} not MoE layers; "
                      f"allowed: a subset of {all_layers}")
-  return layers, [all_layers.index(x) for x in layers]
+  shapes = {shape for shape, ls in groups.items() for x in layers if x in ls}
+  if len(shapes) > 1:
+    raise ValueError(f"layers={layers!r} have different (experts, top-k) {sorted(shapes)} "
+                     "(moe.layer_schedule); a Routing holds layers of one shape: pass one "
+                     "group of " + ", ".join(f"{ls}" for ls in groups.values()))
+  return layers, [all_layers.index(x) for x in layers], shapes.pop()
 
 
 def capture(source: str | os.PathLike | Model, data: Any = "val", *,
@@ -297,13 +322,15 @@ def capture(source: str | os.PathLike | Model, data: Any = "val", *,
       document, a KJV book for the default corpus), a sequence of texts (each cut into rows
       of train.seq_len; `domains` optionally names each text's domain), or an
       int array [B, L] of token ids.
-  layers: model layer indices of the MoE layers to keep (default: all).
+  layers: model layer indices of the MoE layers to keep (default: all); with a
+      layer-wise schedule, layers of one (experts, top-k) (`layer_groups`).
   """
   model = source if isinstance(source, Model) else load_model(source, step)
   cfg = model.cfg
-  layer_ids, rows = _resolve_layers(cfg, layers)
+  layer_ids, rows, (num_experts, top_k) = _resolve_layers(cfg, layers)
   # Expert ids are those the layers dispatch to: a cross-layer pool's (moejax/moe/pool.py).
-  num_experts = pool_lib.dispatched_experts(cfg)[0]
+  if pool_lib.enabled(cfg.moe):
+    num_experts = pool_lib.dispatched_experts(cfg)[0]
   seq_len, batch = cfg.train.seq_len, cfg.train.batch_size
   domain_B, domain_names = None, []
   if isinstance(data, str):
@@ -355,13 +382,16 @@ def capture(source: str | os.PathLike | Model, data: Any = "val", *,
   fn = _routing_fn(ml_collections.FrozenConfigDict(cfg))
   parts = []
   for start in range(0, ids.shape[0], batch):
-    sown = fn(model.variables, jnp.asarray(ids[start:start + batch]))
-    sown = jax.tree.map(lambda x: np.asarray(x)[rows], jax.device_get(sown))
-    parts.append(dense_routing(sown, batch, ids.shape[1], num_experts, cfg.moe.top_k))
+    sown = jax.device_get(fn(model.variables, jnp.asarray(ids[start:start + batch])))
+    if isinstance(sown, list):  # one per MoE layer (a layer-wise schedule)
+      sown = jax.tree.map(lambda *xs: np.stack(xs), *[sown[r] for r in rows])
+    else:
+      sown = jax.tree.map(lambda x: np.asarray(x)[rows], sown)
+    parts.append(dense_routing(sown, batch, ids.shape[1], num_experts, top_k))
   cat = lambda i: (None if parts[0][i] is None  # noqa: E731
                    else np.concatenate([p[i] for p in parts], axis=1)[:, real_B])
   return Routing(layers=layer_ids, router=cfg.moe.router, num_experts=num_experts,
-                 top_k=cfg.moe.top_k, token_ids_BxL=ids[real_B], mask_BxL=mask[real_B],
+                 top_k=top_k, token_ids_BxL=ids[real_B], mask_BxL=mask[real_B],
                  weights_NxBxLxE=cat(0), selected_NxBxLxE=cat(1), probs_NxBxLxC=cat(2),
                  dispatch_NxBxLxE=cat(3), domain_B=domain_B, domain_names=domain_names,
                  step=model.step)

@@ -187,6 +187,7 @@ def calibrate(source, data="val", *, num_batches: int | None = None,
   if not layers:
     raise ValueError("the model has no MoE layer (moe.enabled is False or no layer is MoE); "
                      "there is nothing to calibrate")
+  layout.require_uniform(cfg, "calibration (one stack of alike MoE layers)")
   max_tokens = _positive_int(max_tokens, "max_tokens", "sampled tokens per layer")
   ids, mask, what = calibration_rows(
       cfg, data, cfg.train.eval_batches if num_batches is None else num_batches)

@@ -91,6 +91,11 @@ def check_routed_experts(cfg: ml_collections.ConfigDict, verb: str) -> None:
   if a is not None and a.get("enabled", False):
     raise ValueError("moe.adapters.enabled=True: an adapter run is tied to the experts of its "
                      f"base run (moe.adapters.base={a.base!r}); {verb} the base run instead")
+  if not layout.is_uniform(cfg):
+    raise ValueError(f"moe.layer_schedule.kind={moe.layer_schedule.kind!r}: the run's MoE "
+                     f"layers have different experts {[e for e, _ in layout.moe_schedule(cfg)]}"
+                     f" (a layer-wise schedule); tools/compress.py can {verb} only models whose "
+                     "MoE layers are alike (one MoE stack)")
   why = pool_lib.refusal(cfg, f"tools/compress.py ({verb})")
   if why:
     raise ValueError(why)

@@ -2,9 +2,9 @@
 
 `skipped_calls` runs a model over token sequences and counts, per MoE layer
 and real (unpadded) token, the expert calls its routing keeps, against
-moe.top_k per token: with moe.skip_threshold > 0 (moejax/moe/skipping.py) the
-difference is the share of expert calls skipped. tools/evaluate.py
---skip-threshold reports it.
+the layer's top-k per token (moe.top_k, or moe.layer_schedule's): with
+moe.skip_threshold > 0 (moejax/moe/skipping.py) the difference is the share
+of expert calls skipped. tools/evaluate.py --skip-threshold reports it.
 """
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ from moejax.moe.routers import get_router
 def _calls_fn(frozen: ml_collections.FrozenConfigDict):
   model = lm.make_model(frozen, deterministic=True)
 
+  ks = [k for _, k in layout.moe_schedule(frozen)]
+
   @jax.jit
   def fn(variables, ids_BxL, mask_BxL):
     _, inter = model.apply(variables, ids_BxL, mutable=["intermediates"])
-    a = layout.get(inter["intermediates"], layout.MOE_PATH, "the sown routing")[
-        "routing"][0]["assignment"]  # leaves [N, A]
-    real_NxA = jnp.take(mask_BxL.reshape(-1), a.token)
-    return jnp.sum(a.valid & real_NxA), jnp.sum(mask_BxL) * a.token.shape[0]
+    calls = 0
+    for r in layout.layer_nodes(frozen, inter["intermediates"], ("routing",),
+                                "the sown routing"):  # one per MoE layer, leaves [A]
+      a = r[0]["assignment"]
+      calls = calls + jnp.sum(a.valid & jnp.take(mask_BxL.reshape(-1), a.token))
+    return calls, jnp.sum(mask_BxL) * sum(ks)
 
   return fn
 
@@ -40,7 +44,7 @@ def skipped_calls(cfg: ml_collections.ConfigDict, variables: dict, seqs: list[np
                   batch_size: int = 8) -> dict:
   """{"expert_calls", "possible_calls", "skipped_fraction"} of a forward over `seqs`
   (padding excluded) under cfg's moe.skip_threshold: a measured count of the routed
-  expert calls against moe.top_k per token and MoE layer without skipping."""
+  expert calls against each MoE layer's top-k per token without skipping."""
   if get_router(cfg.moe.router).adaptive:
     raise ValueError(f"moe.router={cfg.moe.router!r} routes a varying number of experts per "
                      "token; skipped calls are counted against moe.top_k choices")
@@ -54,6 +58,6 @@ def skipped_calls(cfg: ml_collections.ConfigDict, variables: dict, seqs: list[np
     for b, s in enumerate(rows):
       ids[b, :s.size], mask[b, :s.size] = s, True
     c, n = jax.device_get(fn(variables, jnp.asarray(ids), jnp.asarray(mask)))
-    calls, possible = calls + int(c), possible + int(n) * cfg.moe.top_k
+    calls, possible = calls + int(c), possible + int(n)
   return {"expert_calls": calls, "possible_calls": possible,
           "skipped_fraction": 1.0 - calls / max(possible, 1)}

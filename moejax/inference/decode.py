@@ -19,7 +19,8 @@ with the reason instead of decoding with routing unlike training's.
 
 With `trace=True` the routing of every generated token in every MoE layer
 (the combine weight per expert, as the MoE layer sows it for
-moejax/analysis) comes back as a `moejax.inference.trace.Trace`.
+moejax/analysis) comes back as a `moejax.inference.trace.Trace` (over
+moe.num_experts experts per layer: with a layer-wise schedule, the widest).
 """
 
 from __future__ import annotations
@@ -186,10 +187,14 @@ def _model(cfg, cache_len: int) -> TransformerLM:
   return TransformerLM(cfg, True, cache_len)
 
 
-def _routing_NxBxE(inter: dict, b: int, e: int) -> jax.Array:
-  """Combine weights [N, B, E] of one decoded token per sequence, from the sown routing."""
-  a = layout.get(inter, layout.MOE_PATH + ("routing",))[0]["assignment"]
-  return jax.vmap(lambda x: x.combine_matrix(b, e))(a)
+def _routing_NxBxE(cfg, inter: dict, b: int, e: int) -> jax.Array:
+  """Combine weights [N, B, E] of one decoded token per sequence, from the sown routing
+  (with a layer-wise schedule, layers with fewer experts have zero weight past theirs)."""
+  if layout.is_uniform(cfg):
+    a = layout.get(inter, layout.MOE_PATH + ("routing",))[0]["assignment"]
+    return jax.vmap(lambda x: x.combine_matrix(b, e))(a)
+  return jnp.stack([r[0]["assignment"].combine_matrix(b, e)
+                    for r in layout.layer_nodes(cfg, inter, ("routing",), "the sown routing")])
 
 
 @functools.lru_cache(maxsize=32)
@@ -220,7 +225,7 @@ def _step_fn(cfg, cache_len: int, trace: bool):
                                    jnp.ones(ids_BxL.shape, bool), index, mutable=cols)
     route = None
     if trace:
-      route = _routing_NxBxE(mut["intermediates"], ids_BxL.shape[0], cfg.moe.num_experts)
+      route = _routing_NxBxE(cfg, mut["intermediates"], ids_BxL.shape[0], cfg.moe.num_experts)
     return logits, mut["cache"], route
 
   return fn

@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from moejax import layout
 from moejax.checks import ConfigError, choice, fail, is_int, positive
 from moejax.init.grow import SELECTS
 from moejax.init.sources import check_sources
@@ -73,6 +74,13 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     if not a.base:
       fail("moe.adapters.base", a.base, "must name the frozen base run directory")
     _run_dir("moe.adapters.base", a.base)
+  sources = [(k, v) for k, v in (("init.from_dense", init.from_dense if init else ""),
+                                  ("init.grow_from", init.grow_from if init else ""),
+                                  ("moe.adapters.enabled", adapters)) if v]
+  if sources and moe.enabled and not layout.is_uniform(cfg):
+    fail(sources[0][0], sources[0][1], f"cannot be combined with moe.layer_schedule.kind="
+         f"{moe.layer_schedule.kind!r} (MoE layers with different experts); allowed: "
+         "kind='constant' with moe.layer_schedule.top_k=''")
   if (init is not None and (init.from_dense or init.grow_from)) or adapters:
     try:
       check_sources(cfg)

@@ -201,6 +201,11 @@ def export_reasons(cfg) -> list[str]:
   if pool_lib.enabled(moe):
     out.append(f"moe.pool.kind={pool_lib.kind(moe)!r} (a cross-layer expert pool; HF MoE "
                "layers own their experts)")
+  if not layout.is_uniform(cfg):
+    schedule = layout.moe_schedule(cfg)
+    out.append(f"moe.layer_schedule.kind={moe.layer_schedule.kind!r} (experts per MoE layer "
+               f"{[e for e, _ in schedule]}, top-k {[k for _, k in schedule]}; HF MoE "
+               "families have one num_experts and top-k for every layer)")
   if moe.expert != "swiglu":
     out.append(f"moe.expert={moe.expert!r} (HF MoE experts are SwiGLU)")
   if chain.rounds(moe) > 1:

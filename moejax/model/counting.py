@@ -12,6 +12,8 @@ non-expert weight plus top_k routed experts and the shared experts (with the
 shared gate) of each MoE layer. A cross-layer expert pool (moe.pool.kind !=
 "none") is counted once in the total; a token still uses top_k of its
 experts in each MoE layer, and each layer's router scores its R choices.
+With a layer-wise schedule (moe.layer_schedule) each MoE layer counts its
+own experts, router width and top-k.
 
 Training vs inference: `params_active` counts the experts a token uses in
 training (the router's `experts_per_token`), `params_active_inference` those
@@ -66,7 +68,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from moejax.layout import layer_plan
+from moejax.layout import is_uniform, layer_config, layer_plan, moe_schedule
 from moejax.model import head_experts
 from moejax.moe import chain
 from moejax.moe.experts import get_family
@@ -189,18 +191,22 @@ def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     shared = (family.param_count(d, width) + family.shared_param_count(d, width)
               + (d if moe.get("shared_gate", False) else 0) if width else 0)
     rounds = chain.rounds(moe)  # a router per round; shared experts applied every round
-    routers = rounds * router.param_count(router_moe(moe), d)  # over R router experts
     zero = router.zero_computation(moe)
     zero = zero.param_count(d) if zero is not None else 0  # constant experts: every token
-    base = attn + norms + routers + zero + shared_leaf_params(cfg)
-    if pool_lib.enabled(moe):  # one pool for all MoE layers
-      total += n_periods * (base + shared) + pool_lib.pool_size(cfg) * expert
-    else:
-      total += n_periods * (base + shared + moe.num_experts * expert)
-    active += n_periods * (base - attn + attn_active + rounds * shared
-                           + experts_per_token(cfg) * expert)
-    inference += n_periods * (base - attn + attn_active + rounds * shared
-                              + experts_per_token(cfg, inference=True) * expert)
+    schedule = moe_schedule(cfg)
+    for shape in sorted(set(schedule)):  # each distinct (E, k) of moe.layer_schedule
+      n = schedule.count(shape)
+      layer_cfg = cfg if is_uniform(cfg) else layer_config(cfg, shape)
+      routers = rounds * router.param_count(router_moe(layer_cfg.moe), d)  # over R experts
+      base = attn + norms + routers + zero + shared_leaf_params(cfg)
+      if pool_lib.enabled(moe):  # one pool for all MoE layers (uniform layers only)
+        total += n * (base + shared) + pool_lib.pool_size(cfg) * expert
+      else:
+        total += n * (base + shared + shape[0] * expert)
+      active += n * (base - attn + attn_active + rounds * shared
+                     + experts_per_token(layer_cfg) * expert)
+      inference += n * (base - attn + attn_active + rounds * shared
+                        + experts_per_token(layer_cfg, inference=True) * expert)
     total += router.shared_param_count(moe, d)
     active += router.shared_param_count(moe, d)
     inference += router.shared_param_count(moe, d)
@@ -230,9 +236,10 @@ def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
   _, attn_active, attn_computed = attention_params(cfg)
   matmul_params = (c["params_active"] - c["params_embedding"] + m.vocab_size * m.d_model
                    + m.num_layers * (attn_computed - attn_active))
-  if cfg.moe.enabled:
-    n_periods = layer_plan(cfg)[1]
-    matmul_params += n_periods * (experts_per_token(cfg) - 1) * shared_leaf_params(cfg)
+  if cfg.moe.enabled and layer_plan(cfg)[1]:
+    for shape in moe_schedule(cfg):  # each MoE layer: its own experts per token
+      layer_cfg = cfg if is_uniform(cfg) else layer_config(cfg, shape)
+      matmul_params += (experts_per_token(layer_cfg) - 1) * shared_leaf_params(cfg)
   heads = max(m.get("attn_experts", 0), 1)
   return training_passes(cfg) * (
       6.0 * matmul_params + 6.0 * m.num_layers * cfg.train.seq_len * attention_width(m) * heads)

@@ -2,9 +2,12 @@
 
 Layer i uses an MoE FFN iff MoE is enabled, i >= moe.first_dense_layers and
 (i - first_dense_layers) % moe.every == 0. The first_dense_layers layers run
-as one scanned stack; the rest as a scanned stack of identical "periods" of
+as one scanned stack; the rest as scanned stacks of identical "periods" of
 moe.every layers (one MoE layer followed by every-1 dense layers), so compile
-time does not grow with depth (moejax/layout.py: where they live).
+time does not grow with depth (moejax/layout.py: where they live). With a
+layer-wise expert schedule (moe.layer_schedule) each MoE layer has its own
+experts and top-k; layers of equal shape share a stack (`layout.moe_stacks`),
+so the number of stacks follows the schedule's distinct shapes, not depth.
 
 With a cross-layer expert pool (moe.pool.kind != "none", moejax/moe/pool.py)
 the pool's experts are created once here, outside the scan, and passed to
@@ -124,6 +127,7 @@ class Block(nn.Module):
   cfg: ml_collections.FrozenConfigDict
   use_moe: bool
   deterministic: bool = True
+  moe_shape: tuple[int, int] | None = None  # (E, k) of a scheduled MoE layer; None: cfg.moe
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, Any], token_ids_BxL: jax.Array,
@@ -165,7 +169,9 @@ class Block(nn.Module):
     z = RMSNorm(eps, name="ffn_norm")(x_BxLxD)
     moe_aux = None
     if self.use_moe:
-      h, moe_aux, router_carry = MoELayer(self.cfg.moe, m.dtype, out_scale, name=layout.MOE)(
+      cfg_moe = (self.cfg.moe if self.moe_shape is None
+                 else layout.layer_moe(self.cfg.moe, self.moe_shape))
+      h, moe_aux, router_carry = MoELayer(cfg_moe, m.dtype, out_scale, name=layout.MOE)(
           z, token_ids_BxL=token_ids_BxL, router_carry=router_carry, shared=shared,
           deterministic=self.deterministic, pool=pool, moe_layer=moe_layer)
       losses.update(moe_aux.pop("losses"))
@@ -183,15 +189,16 @@ def _add(a: dict, b: dict) -> dict:
 
 
 class Period(nn.Module):
-  """`n` consecutive blocks; the first is an MoE block iff `first_moe`.
+  """`n` consecutive blocks; block j is an MoE block iff `moe[j]` is not False
+  (True: the `moe` config; an (E, k) pair: a scheduled layer's shape).
 
-  Returns (carry, {"losses": {name: [blocks reporting it]}, "moe": block0's
-  MoE aux or None}).
+  Returns (carry, {"losses": {name: [blocks reporting it]}, "moe": [the MoE
+  blocks' aux, in block order]}).
   """
 
   cfg: ml_collections.FrozenConfigDict
   n: int
-  first_moe: bool
+  moe: tuple = ()  # per block: False, True or (E, k)
   deterministic: bool = True
 
   @nn.compact
@@ -201,18 +208,21 @@ class Period(nn.Module):
     block = Block
     if self.cfg.model.remat:
       block = nn.remat(Block, prevent_cse=False)
-    per_block, moe_aux = [], None
+    per_block, moe_aux = [], []
     for j in range(self.n):
-      carry, out = block(self.cfg, self.first_moe and j == 0, self.deterministic,
+      kind = self.moe[j] if j < len(self.moe) else False
+      carry, out = block(self.cfg, kind is not False, self.deterministic,
+                         None if isinstance(kind, bool) else kind,
                          name=f"block{j}")(carry, token_ids_BxL, shared, dec, pool, index)
       per_block.append(out["losses"])
-      moe_aux = out["moe"] if out["moe"] is not None else moe_aux
+      if out["moe"] is not None:
+        moe_aux.append(out["moe"])
     names = sorted({k for losses in per_block for k in losses})
     losses = {k: jnp.stack([ls[k] for ls in per_block if k in ls]) for k in names}
     return carry, {"losses": losses, "moe": moe_aux}
 
 
-def _scanned(cfg, length: int, n: int, first_moe: bool, deterministic: bool,
+def _scanned(cfg, length: int, n: int, moe: tuple, deterministic: bool,
              name: str) -> nn.Module:
   stack = nn.scan(Period, variable_axes={"params": 0, "moe_state": 0, "balance": 0,
                                           moe_layer.EXPERT_MAP: 0, "intermediates": 0,
@@ -221,7 +231,24 @@ def _scanned(cfg, length: int, n: int, first_moe: bool, deterministic: bool,
                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                   length=length,
                   metadata_params={nn.PARTITION_NAME: "layers"})
-  return stack(cfg, n, first_moe, deterministic, name=name)
+  return stack(cfg, n, moe, deterministic, name=name)
+
+
+def _pad_experts(x: jax.Array, width: int, lead: int) -> jax.Array:
+  """Pads a per-layer [E] axis (the last; arrays with more than `lead` axes) to `width`
+  with zeros: per-expert rows of layers with fewer experts stack with the widest."""
+  if x.ndim <= lead or x.shape[-1] == width:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
+def _layer_rows(columns: list[dict], steps: int) -> dict:
+  """A stack's per-layer arrays (one dict per MoE block of a step, leaves [steps, ...]) as
+  rows in layer order (leaves [steps * blocks, ...])."""
+  if len(columns) == 1:
+    return columns[0]
+  return jax.tree.map(lambda *xs: jnp.stack(xs, 1).reshape(steps * len(xs), *xs[0].shape[1:]),
+                      *columns)
 
 
 class TransformerLM(nn.Module):
@@ -232,6 +259,12 @@ class TransformerLM(nn.Module):
          "state_stats": {name: [num_moe_layers, ...]}, "balance_counts": [num_moe_layers, E]
          or None} (empty dicts for a dense model); state_stats feed the routers'
   non-trained state updates (moejax.moe.state).
+
+  With a layer-wise schedule (MoE layers of different shapes) per-expert metrics are
+  padded with zeros to moe.num_experts (the widest layer; `layout.moe_schedule` gives
+  each layer's E), and "state_stats" / "balance_counts" are tuples with one entry per
+  MoE column (`layout.moe_columns`: a scanned run of identical MoE layers), each as
+  above over that column's layers.
 
   With `cache_len` M > 0 the model is a cached decoder (moejax/inference/decode.py):
   `__call__(ids, positions_BxL=..., valid_BxL=..., cache_index=...)` runs the
@@ -276,18 +309,32 @@ class TransformerLM(nn.Module):
             DTYPES[m.dtype], 1.0 / math.sqrt(2 * m.num_layers), name=pool_lib.MODULE)(m.d_model)
     outs = []
     if n_dense:
-      carry, out = _scanned(self.cfg, n_dense, 1, False, self.deterministic,
+      carry, out = _scanned(self.cfg, n_dense, 1, (), self.deterministic,
                             layout.DENSE_STACK)(carry, ids_BxL, shared, dec, None,
                                                 jnp.arange(n_dense, dtype=jnp.int32))
       outs.append(out)
     aux = {"metrics": {}, "state_stats": {}, "balance_counts": None}
-    if n_periods:
-      carry, out = _scanned(self.cfg, n_periods, self.cfg.moe.every, True,
-                            self.deterministic, layout.MOE_STACK)(
-                                carry, ids_BxL, shared, dec, pool,
-                                jnp.arange(n_periods, dtype=jnp.int32))
+    every = self.cfg.moe.every
+    stacks = layout.moe_stacks(self.cfg) if n_periods else ()
+    uniform = layout.is_uniform(self.cfg)
+    metrics, columns = [], []
+    e_max = self.cfg.moe.num_experts
+    for st in stacks:
+      moe = (True,) if uniform else sum(((s,) + (False,) * (every - 1) for s in st.shapes),
+                                        ())
+      carry, out = _scanned(self.cfg, st.steps, every * st.per_step, moe, self.deterministic,
+                            st.name)(carry, ids_BxL, shared, dec, pool,
+                                     jnp.arange(st.steps, dtype=jnp.int32))
       outs.append(out)
-      aux = dict(out["moe"])
+      columns.extend(out["moe"])
+      metrics.append(_layer_rows([jax.tree.map(lambda x: _pad_experts(x, e_max, 1),
+                                               c["metrics"]) for c in out["moe"]], st.steps))
+    if uniform and columns:
+      aux = dict(columns[0])
+    elif columns:
+      aux = {"metrics": jax.tree.map(lambda *xs: jnp.concatenate(xs), *metrics),
+             "state_stats": tuple(c["state_stats"] for c in columns),
+             "balance_counts": tuple(c["balance_counts"] for c in columns)}
     per_name: dict[str, list[jax.Array]] = {}
     for out in outs:  # stacks in layer order; within one, [length, blocks] row-major
       for k, v in out["losses"].items():

@@ -36,6 +36,13 @@ from the model, its router scores the R choices of `pool.num_choices` and
 the same "map" [R] sends choice r of MoE layer i to pool expert
 `pool.layer_map(i)[r]`; load metrics are over the pool's experts.
 
+A layer-wise expert schedule (`moe.layer_schedule`, moejax/layout.py) gives
+each MoE layer its own experts and top-k: the model hands each layer the
+`moe` config `layout.layer_moe(cfg.moe, (E, k))`, and `check_config` checks
+the schedule, the router's rules at every (E, k) it uses, the expert axis
+against every layer's E, and refuses the options that hold one value for
+all layers (`UNSCHEDULED`).
+
 What the layer reports is declared: `aux_losses(cfg)` (the balancing losses
 of `moe.balance`, the z-loss, the router-entropy and ERC losses when on, and
 the router's own) and `metric_schema(cfg)`
@@ -139,6 +146,48 @@ def _check_skipping(cfg: ml_collections.ConfigDict) -> None:
          f"{cfg.moe.router!r} does not give each token a fixed set of weighted choices")
 
 
+# Options that hold one value for every MoE layer, refused with a layer-wise schedule.
+UNSCHEDULED = (("moe.num_router_experts", 0, "merged experts map R router experts onto "
+                "moe.num_experts in every layer"),
+               ("moe.quant.scheme", "none", "quantized experts split moe.num_experts into "
+                "moe.quant.experts8/4/2 in every layer"),
+               ("moe.topk.grown_groups", 0, "grown groups come from init.grow_from, which "
+                "grows every layer alike"),
+               ("moe.pool.kind", "none", "a cross-layer pool gives every MoE layer the same "
+                "choices"),
+               ("moe.chain.rounds", 1, "Chain-of-Experts runs one MoE stack of equal layers"))
+
+
+def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
+  """moe.layer_schedule.*: each MoE layer's (E, k) valid, the router's rules per layer."""
+  shapes = layout.moe_schedule(cfg)  # ConfigError naming the schedule's keys
+  if layout.is_uniform(cfg):
+    return
+  for key, default, why in UNSCHEDULED:
+    parts = key.split(".")
+    node = cfg
+    for p in parts[:-1]:
+      node = node.get(p, {})
+    v = node.get(parts[-1], default)
+    if v != default:
+      fail(key, v, f"must be {default!r} with moe.layer_schedule.kind="
+           f"{cfg.moe.layer_schedule.kind!r} (experts per layer {[e for e, _ in shapes]}): "
+           f"{why}")
+  indices = layout.moe_layer_indices(cfg)
+  ep = cfg.parallel.expert if "parallel" in cfg else 1
+  for i, (e, _) in enumerate(shapes):
+    if ep > 0 and e % ep:
+      fail("parallel.expert", ep, f"the expert axis size must divide the experts of every MoE "
+           f"layer; moe.layer_schedule gives model layer {indices[i]} {e} experts")
+  for shape in sorted(set(shapes)):
+    layers = [indices[i] for i, s in enumerate(shapes) if s == shape]
+    try:
+      get_router(cfg.moe.router).check_config(layout.layer_config(cfg, shape), True)
+    except ConfigError as e:
+      raise ConfigError(f"moe.layer_schedule gives model layers {layers} {shape[0]} experts "
+                        f"and top-k {shape[1]}: {e}") from None
+
+
 def aux_losses(cfg: ml_collections.ConfigDict) -> tuple[AuxLoss, ...]:
   """The auxiliary losses every MoE layer of `cfg` reports (none for a dense model)."""
   if not cfg.moe.enabled:
@@ -222,6 +271,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   if rest == 0 or rest % moe.every:
     fail("moe.every", moe.every,
          f"must divide model.num_layers - moe.first_dense_layers = {rest} (> 0)")
+  _check_schedule(cfg)
   import pallas_kernels  # noqa: PLC0415 (kept local: only MoE runs need it)
   choice(moe.gmm_backend, "moe.gmm_backend", ("auto",) + tuple(pallas_kernels.BACKENDS))
 

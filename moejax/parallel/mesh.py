@@ -29,6 +29,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from moejax.checks import ConfigError, fail
 from moejax.parallel.axes import AXES, TOKEN_AXES
 
+from moejax import layout
 from moejax.layout import EXPERTS as EXPERTS_MODULE
 from moejax.moe import pool as pool_lib
 from moejax.moe.experts import Leaf, get_family
@@ -51,13 +52,15 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       fail("parallel.expert", par.expert, f"the expert axis size must divide {key}={n}")
 
 
-def resolve_axes(sizes: dict[str, int], num_devices: int, *, num_experts: int | None = None,
+def resolve_axes(sizes: dict[str, int], num_devices: int, *,
+                 num_experts: int | tuple[int, ...] | None = None,
                  batch_size: int | None = None) -> dict[str, int]:
   """{'data', 'fsdp', 'expert'} sizes with the one -1 filled in; checks the layout.
 
   Raises ConfigError naming the `parallel.*` key when a size is not a
   positive int or -1, more than one is -1, the product differs from
-  `num_devices`, `num_experts` is not divisible by the expert axis, or the
+  `num_devices`, `num_experts` (or each MoE layer's experts, a tuple) is not
+  divisible by the expert axis, or the
   (micro-)batch `batch_size` is not divisible by the number of devices.
   """
   for axis in AXES:
@@ -84,10 +87,13 @@ def resolve_axes(sizes: dict[str, int], num_devices: int, *, num_experts: int | 
     raise ConfigError(f"config keys {shown} are invalid: their product is {total} but "
                       f"there are {num_devices} devices; allowed: a product of exactly "
                       f"{num_devices} (or set one axis to -1)")
-  if num_experts is not None and num_experts % out["expert"]:
-    raise ConfigError(f"config key parallel.expert={sizes['expert']!r} is invalid: the expert "
-                      f"axis has {out['expert']} devices, which must divide "
-                      f"moe.num_experts={num_experts}")
+  per_layer = not isinstance(num_experts, int) and num_experts is not None
+  for e in (sorted(set(num_experts)) if per_layer else [num_experts]):
+    if e is not None and e % out["expert"]:
+      raise ConfigError(f"config key parallel.expert={sizes['expert']!r} is invalid: the "
+                        f"expert axis has {out['expert']} devices, which must divide "
+                        + (f"the experts of every MoE layer (moe.layer_schedule gives {e})"
+                           if per_layer else f"moe.num_experts={e}"))
   if batch_size is not None and batch_size % total:
     raise ConfigError(f"config key train.batch_size={batch_size!r} is invalid: each "
                       f"(micro-)batch of {batch_size} sequences is split over the {total} "
@@ -101,10 +107,11 @@ def axes_from_config(cfg: ml_collections.ConfigDict, num_devices: int | None = N
   n = jax.device_count() if num_devices is None else num_devices
   par, t = cfg.parallel, cfg.train
   micro = t.batch_size // t.grad_accum_steps if t.grad_accum_steps else t.batch_size
-  return resolve_axes({a: par[a] for a in AXES}, n,
-                      num_experts=(pool_lib.dispatched_experts(cfg)[0] if cfg.moe.enabled
-                                   else None),
-                      batch_size=micro)
+  experts = None
+  if cfg.moe.enabled:
+    experts = (pool_lib.dispatched_experts(cfg)[0] if layout.is_uniform(cfg)
+               else tuple(e for e, _ in layout.moe_schedule(cfg)))
+  return resolve_axes({a: par[a] for a in AXES}, n, num_experts=experts, batch_size=micro)
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:

@@ -41,7 +41,7 @@ def layer_stacked(keypath, x) -> bool:
   from moejax import layout  # noqa: PLC0415
 
   return bool(getattr(x, "shape", ())) and any(
-      n in (layout.DENSE_STACK, layout.MOE_STACK) for n in key_names(keypath))
+      isinstance(n, str) and layout.is_stack(n) for n in key_names(keypath))
 
 
 def stacked_save_args(state: Any) -> Any:

@@ -156,6 +156,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   n = cfg.train.grad_accum_steps
   global_counts = "global_batch" in balance_kinds(cfg.moe) and cfg.moe.enabled
+  columns = layout.moe_columns(cfg)  # a scheduled model's stats come per MoE column
 
   def accumulated(params, collections, batch, rng, teacher_vars=None):
     """Gradients of the mean loss over n micro-batches, one at a time.
@@ -170,16 +171,20 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
       def layer_counts(mb, r):
         _, aux = model.apply({"params": params, **collections}, mb["inputs"],
                              rngs={"router": r})
-        return aux["balance_counts"]  # [num_moe_layers, choices]
+        return aux["balance_counts"]  # [num_moe_layers, choices] (or one per MoE column)
 
       def count(acc, xs):
-        return acc + layer_counts(*xs), None
+        return jax.tree.map(jnp.add, acc, layer_counts(*xs)), None
 
       first = jax.tree.map(lambda a: a[0], (micro, rngs))
-      shape = jax.eval_shape(layer_counts, *first)
-      counts, _ = jax.lax.scan(count, jnp.zeros(shape.shape, jnp.float32), (micro, rngs))
-      collections = {**collections, "balance": layout.replace(
-          {}, layout.MOE_PATH, {"counts": jax.lax.stop_gradient(counts)})}
+      shapes = jax.eval_shape(layer_counts, *first)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+      counts, _ = jax.lax.scan(count, zeros, (micro, rngs))
+      counts = jax.lax.stop_gradient(counts)
+      balance = (layout.column_tree([{"counts": c} for c in counts], cfg)
+                 if isinstance(counts, tuple)
+                 else layout.replace({}, layout.MOE_PATH, {"counts": counts}))
+      collections = {**collections, "balance": balance}
 
     def body(acc, xs):
       mb, r = xs
@@ -209,7 +214,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     collections = state["collections"]
     if "moe_state" in collections and aux["state_stats"]:
       # A non-finite step keeps the old router state, like the params.
-      new_moe_state = update_router_state(collections["moe_state"], aux["state_stats"], cfg.moe)
+      new_moe_state = update_router_state(collections["moe_state"], aux["state_stats"], cfg.moe,
+                                          columns)
       collections = {**collections, "moe_state": keep(new_moe_state, collections["moe_state"])}
     new_state = {**state, "step": state["step"] + 1, "collections": collections,
                  "params": keep(optax.apply_updates(state["params"], updates), state["params"]),
@@ -281,16 +287,21 @@ def state_from_variables(variables: dict, tx: optax.GradientTransformation) -> S
           "skipped_steps": jnp.zeros((), jnp.int32)}
 
 
-def flatten_moe_metrics(moe: dict, layers: list[int]) -> dict[str, float]:
-  """Stacked per-MoE-layer arrays -> {"moe/layer{i}/{name}[/e{j}]": value}."""
+def flatten_moe_metrics(moe: dict, layers: list[int], experts: list[int] | None = None
+                        ) -> dict[str, float]:
+  """Stacked per-MoE-layer arrays -> {"moe/layer{i}/{name}[/e{j}]": value}.
+
+  `experts` (a layer-wise schedule: each layer's E) cuts per-expert rows, padded to the
+  widest layer, to the experts the layer has.
+  """
   out = {}
   for name, v in moe.items():
     v = np.asarray(v)
-    for row, layer in zip(v, layers):
+    for i, (row, layer) in enumerate(zip(v, layers)):
       if row.ndim == 0:
         out[f"moe/layer{layer}/{name}"] = float(row)
       else:
-        for j, x in enumerate(row):
+        for j, x in enumerate(row if experts is None else row[..., :experts[i]]):
           out[f"moe/layer{layer}/{name}/e{j}"] = float(x)
   return out
 
@@ -402,6 +413,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
   val_bytes = sum(data.text_bytes(b["targets"]) for b in val_host)
   val = place.batches(val_host)
   layers = layout.moe_layer_indices(cfg)
+  experts = [e for e, _ in layout.moe_schedule(cfg)]  # per MoE layer (padded rows cut)
   prior_wall = float(state["wall_seconds"])
   progress = Progress(t.steps, start, every=t.log_every * 10)
   clock = _Clock(step=start)
@@ -443,7 +455,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
         scalars["perf/tokens_per_second"] = n * tokens_per_step / dt
       moe = jax.device_get(out["moe"])
       last_moe = moe
-      scalars.update(flatten_moe_metrics(moe, layers))
+      scalars.update(flatten_moe_metrics(moe, layers, experts))
       writer.scalars(step, scalars)
       progress.update(step, loss=scalars["train/loss"],
                       **({"tok/s": scalars["perf/tokens_per_second"]}
@@ -455,8 +467,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, data: data_lib.LMData,
       if layers:
         load = np.asarray(jax.device_get(out["moe"]["load"]))
         writer.heatmap(step, "moe/load_layer_x_expert", load)
-        for row, layer in zip(load, layers):
-          writer.histogram(step, f"moe/layer{layer}/load_hist", row)
+        for row, layer, e in zip(load, layers, experts):
+          writer.histogram(step, f"moe/layer{layer}/load_hist", row[:e])
         if jax.process_count() == 1:  # reads the live state: one host's arrays only
           routing_scalars, last_routing = routing_online.eval_metrics(
               cfg, {"params": state["params"], **state["collections"]}, val[0]["inputs"],
