@@ -318,7 +318,7 @@ class TransformerLM(nn.Module):
     stacks = layout.moe_stacks(self.cfg) if n_periods else ()
     uniform = layout.is_uniform(self.cfg)
     metrics, columns = [], []
-    e_max = self.cfg.moe.num_experts
+    e_max = pool_lib.dispatched_experts(self.cfg)[0]  # the widest layer's (or the pool's)
     for st in stacks:
       moe = (True,) if uniform else sum(((s,) + (False,) * (every - 1) for s in st.shapes),
                                         ())
