@@ -162,7 +162,9 @@ def moe_schedule(cfg: ml_collections.ConfigDict) -> tuple[Shape, ...]:
            f"{moe.top_k} (the widest layer's k; set moe.top_k={max(ks)})")
   first, every = layer_plan(cfg)[0], moe.every
   for i, (e, k) in enumerate(zip(experts, ks)):
-    if k > e:
+    # The plain model (constant, one k): moe.top_k against the router's experts is the
+    # router's rule (merged experts route top-k of R >= k router experts onto fewer).
+    if k > e and not (s.kind == "constant" and s.top_k == ""):
       key = (f"{SCHEDULE_KEY}.top_k" if s.top_k else "moe.top_k" if s.kind == "constant"
              else f"{SCHEDULE_KEY}.experts" if s.kind == "list" else
              f"{SCHEDULE_KEY}.min_experts")

@@ -122,7 +122,8 @@ def test_killed_sweep_resumes_without_losing_rows(tmp_path):
 
 @pytest.mark.parametrize("spec", ["configs/sweeps/routers.py:short", "configs/sweeps/routers.py",
                                   "configs/sweeps/scaling.py:tiny", "configs/sweeps/scaling.py",
-                                  "configs/sweeps/architectures.py"])
+                                  "configs/sweeps/architectures.py",
+                                  "configs/sweeps/architectures.py:short"])
 def test_shipped_sweeps_validate(spec):
   from experiments.sweep.__main__ import load_sweep  # noqa: PLC0415
   sweep = load_sweep(os.path.join(REPO, spec))
