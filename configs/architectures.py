@@ -7,9 +7,8 @@ What it reproduces: each architecture of docs/architectures.md trained on the
 default corpus (byte-level KJV) with the quickstart's model, data and steps,
 at the quickstart's active expert compute per token (2 of 8 experts of width
 256) unless the variant's comment says how it differs.
-Expected result: not yet measured; the 3-seed comparison of every variant is
-configs/sweeps/architectures.py (docs/architectures.md gives each variant's
-parameters and FLOPs against the quickstart's).
+Expected result: docs/results/architectures.md (3 seeds at 300 steps, the
+sweep's `short` setting).
 """
 
 from configs.quickstart import get_config as quickstart

@@ -12,8 +12,8 @@ expert compute per token, as each variant's docstring states) on the default cor
 byte-level KJV) with the same data, steps and tokens; seeds 0, 1, 2.
 results.csv holds per run the validation loss (nats/byte; bits per byte =
 loss / ln 2), total and active parameters and tokens/s, one row per run and
-seed. The full comparison (about 2 hours on 2 cores) has not been run yet:
-no results are recorded for it.
+seed. docs/results/architectures.md has the `short` setting's table (about
+1 hour on 2 cores); the 600-step `full` setting has not been run.
 """
 
 from configs.architectures import VARIANTS, get_config
