@@ -23,6 +23,19 @@ class Assignment:
   weight: jax.Array  # [A] float32
   valid: jax.Array  # [A] bool
 
+  @classmethod
+  def from_choices(cls, e_TxK: jax.Array, w_TxK: jax.Array,
+                   valid_TxK: jax.Array | None = None) -> "Assignment":
+    """Choice-major slots from per-token choices: slot c * T + t is token t's c-th choice
+    (what `Router.choice_major_slots` declares); `valid_TxK` None: every slot is live."""
+    t, k = e_TxK.shape
+    choice_major = lambda a: a.T.reshape(-1)  # noqa: E731
+    return cls(token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
+               expert=choice_major(e_TxK.astype(jnp.int32)),
+               weight=choice_major(w_TxK),
+               valid=(jnp.ones((t * k,), bool) if valid_TxK is None
+                      else choice_major(valid_TxK)))
+
   @property
   def num_slots(self) -> int:
     return self.token.shape[0]

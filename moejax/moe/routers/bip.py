@@ -144,12 +144,7 @@ def bip_route(logits_TxE: jax.Array, q_E: jax.Array, k: int, iterations: int,
   w_TxK = jnp.take_along_axis(probs_TxE, e_TxK, axis=-1)
   if renormalize:
     w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
-  assignment = Assignment(
-      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
-      expert=e_TxK.T.reshape(-1).astype(jnp.int32),
-      weight=w_TxK.T.reshape(-1),
-      valid=jnp.ones((t * k,), bool),
-  )
+  assignment = Assignment.from_choices(e_TxK, w_TxK)
   return assignment, probs_TxE, q_route_E, q_next_E
 
 

@@ -99,11 +99,7 @@ def group_limited_route(logits_TxE: jax.Array, k: int, num_groups: int,
   w_TxK = jnp.take_along_axis(probs_TxE, e_TxK, axis=1)
   if renormalize:
     w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
-  assignment = Assignment(
-      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
-      expert=e_TxK.T.reshape(-1).astype(jnp.int32),
-      weight=w_TxK.T.reshape(-1),
-      valid=jnp.ones((t * k,), bool))
+  assignment = Assignment.from_choices(e_TxK, w_TxK)
   return assignment, probs_TxE
 
 

@@ -63,12 +63,8 @@ def hash_experts(ids_T: jax.Array, num_experts: int, k: int, seed: int) -> jax.A
 
 def hash_route(ids_T: jax.Array, num_experts: int, k: int, seed: int) -> Assignment:
   """Pure hash routing: k distinct hashed experts per token, weight 1/k."""
-  t = ids_T.shape[0]
   e_TxK = hash_experts(ids_T, num_experts, k, seed)
-  return Assignment(token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
-                    expert=e_TxK.T.reshape(-1),
-                    weight=jnp.full((t * k,), 1.0 / k, jnp.float32),
-                    valid=jnp.ones((t * k,), bool))
+  return Assignment.from_choices(e_TxK, jnp.full(e_TxK.shape, 1.0 / k, jnp.float32))
 
 
 @register("hash")

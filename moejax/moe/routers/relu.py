@@ -52,17 +52,11 @@ def relu_route(logits_TxE: jax.Array, max_k: int
   a slot is valid iff its gate is positive.
   """
   gates_TxE = jax.nn.relu(logits_TxE.astype(jnp.float32))
-  t = gates_TxE.shape[0]
   g_TxK, e_TxK = jax.lax.top_k(gates_TxE, max_k)
   valid_TxK = g_TxK > 0
   positive = jnp.sum(gates_TxE > 0)
   overflow = (positive - jnp.sum(valid_TxK)) / jnp.maximum(positive, 1)
-  assignment = Assignment(
-      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), max_k),
-      expert=e_TxK.T.reshape(-1).astype(jnp.int32),
-      weight=g_TxK.T.reshape(-1),
-      valid=valid_TxK.T.reshape(-1),
-  )
+  assignment = Assignment.from_choices(e_TxK, g_TxK, valid_TxK)
   return assignment, gates_TxE, overflow.astype(jnp.float32)
 
 

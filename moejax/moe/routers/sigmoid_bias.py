@@ -68,7 +68,6 @@ def sigmoid_bias_route(logits_TxE: jax.Array, bias_E: jax.Array, k: int,
   choice, by biased score).
   """
   scores_TxE = jax.nn.sigmoid(logits_TxE.astype(jnp.float32))
-  t = scores_TxE.shape[0]
   biased_TxE = jax.lax.stop_gradient(scores_TxE + bias_E.astype(jnp.float32))
   if num_groups > 1:  # DeepSeek-V3's group-limited selection on the biased scores
     biased_TxE = jnp.where(group_mask(biased_TxE, num_groups, top_groups), biased_TxE,
@@ -78,12 +77,7 @@ def sigmoid_bias_route(logits_TxE: jax.Array, bias_E: jax.Array, k: int,
   if renormalize:
     s_TxK = s_TxK / jnp.sum(s_TxK, axis=-1, keepdims=True)
   w_TxK = routed_scaling * s_TxK
-  assignment = Assignment(
-      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
-      expert=e_TxK.T.reshape(-1).astype(jnp.int32),
-      weight=w_TxK.T.reshape(-1),
-      valid=jnp.ones((t * k,), bool),
-  )
+  assignment = Assignment.from_choices(e_TxK, w_TxK)
   probs_TxE = scores_TxE / jnp.sum(scores_TxE, axis=-1, keepdims=True)
   return assignment, probs_TxE
 

@@ -63,19 +63,13 @@ def random_experts(key: jax.Array, num_tokens: int, num_experts: int, k: int) ->
 def stochastic_route(key: jax.Array, num_tokens: int, num_experts: int, k: int) -> Assignment:
   """Training routing: `random_experts`, weight 1/k, choice-major slots (c * T + t)."""
   e_TxK = random_experts(key, num_tokens, num_experts, k)
-  return Assignment(token=jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k),
-                    expert=e_TxK.T.reshape(-1),
-                    weight=jnp.full((num_tokens * k,), 1.0 / k, jnp.float32),
-                    valid=jnp.ones((num_tokens * k,), bool))
+  return Assignment.from_choices(e_TxK, jnp.full(e_TxK.shape, 1.0 / k, jnp.float32))
 
 
 def average_route(num_tokens: int, num_experts: int) -> Assignment:
   """Every token through every expert with weight 1/E (slot e * T + t: token t, expert e)."""
-  t, e = num_tokens, num_experts
-  return Assignment(token=jnp.tile(jnp.arange(t, dtype=jnp.int32), e),
-                    expert=jnp.repeat(jnp.arange(e, dtype=jnp.int32), t),
-                    weight=jnp.full((t * e,), 1.0 / e, jnp.float32),
-                    valid=jnp.ones((t * e,), bool))
+  e_TxE = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, num_experts))
+  return Assignment.from_choices(e_TxE, jnp.full(e_TxE.shape, 1.0 / num_experts, jnp.float32))
 
 
 @register("thor")

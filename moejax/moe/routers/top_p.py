@@ -40,7 +40,6 @@ def top_p_route(logits_TxE: jax.Array, p: float, max_k: int,
                 ) -> tuple[Assignment, jax.Array, jax.Array]:
   """Pure top-p routing math; returns (assignment, probs_TxE, overflow_T bool)."""
   logits_TxE = logits_TxE.astype(jnp.float32)
-  t = logits_TxE.shape[0]
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
   w_TxK, e_TxK = jax.lax.top_k(probs_TxE, max_k)
   csum_TxK = jnp.cumsum(w_TxK, axis=-1)
@@ -52,12 +51,7 @@ def top_p_route(logits_TxE: jax.Array, p: float, max_k: int,
   w_TxK = jnp.where(live_TxK, w_TxK, 0.0)
   if renormalize:
     w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
-  choice_major = lambda a: a.T.reshape(-1)  # noqa: E731
-  assignment = Assignment(
-      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), max_k),
-      expert=choice_major(e_TxK.astype(jnp.int32)),
-      weight=choice_major(w_TxK),
-      valid=choice_major(live_TxK))
+  assignment = Assignment.from_choices(e_TxK, w_TxK, live_TxK)
   return assignment, probs_TxE, overflow_T
 
 

@@ -51,7 +51,6 @@ def topk_route(logits_TxE: jax.Array, k: int, order: str = "softmax_topk",
   choices before any second choice, as in GShard).
   """
   logits_TxE = logits_TxE.astype(jnp.float32)
-  t = logits_TxE.shape[0]
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
   if order == "softmax_topk":
     w_TxK, e_TxK = jax.lax.top_k(probs_TxE, k)
@@ -62,12 +61,7 @@ def topk_route(logits_TxE: jax.Array, k: int, order: str = "softmax_topk",
     w_TxK = jax.nn.softmax(l_TxK, axis=-1)
   else:
     raise ValueError(f"moe.topk.order={order!r}; allowed: {ORDERS}")
-  assignment = Assignment(
-      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
-      expert=e_TxK.T.reshape(-1).astype(jnp.int32),
-      weight=w_TxK.T.reshape(-1),
-      valid=jnp.ones((t * k,), bool),
-  )
+  assignment = Assignment.from_choices(e_TxK, w_TxK)
   return assignment, probs_TxE
 
 

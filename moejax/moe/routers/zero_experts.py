@@ -74,7 +74,7 @@ def zero_choice_route(logits_TxN: jax.Array, k: int, num_experts: int,
   k picks, picks_TxK).
   """
   logits_TxN = logits_TxN.astype(jnp.float32)
-  t, n = logits_TxN.shape
+  n = logits_TxN.shape[1]
   probs_TxN = jax.nn.softmax(logits_TxN, axis=-1)
   if bias_E is None:
     w_TxK, e_TxK = jax.lax.top_k(probs_TxN, k)
@@ -86,12 +86,8 @@ def zero_choice_route(logits_TxN: jax.Array, k: int, num_experts: int,
   if renormalize:
     w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
   real_TxK = e_TxK < num_experts
-  choice_major = lambda a: a.T.reshape(-1)  # noqa: E731
-  assignment = Assignment(
-      token=jnp.tile(jnp.arange(t, dtype=jnp.int32), k),
-      expert=choice_major(jnp.minimum(e_TxK, num_experts - 1).astype(jnp.int32)),
-      weight=choice_major(jnp.where(real_TxK, w_TxK, 0.0)),
-      valid=choice_major(real_TxK))
+  assignment = Assignment.from_choices(jnp.minimum(e_TxK, num_experts - 1),
+                                       jnp.where(real_TxK, w_TxK, 0.0), real_TxK)
   counts_N = jnp.sum(jax.nn.one_hot(e_TxK, n, dtype=jnp.float32), axis=(0, 1))
   # Index e - E of a zero-computation pick; FFN picks (negative) one-hot to nothing.
   onehot_TxKxZ = jax.nn.one_hot(e_TxK - num_experts, n - num_experts, dtype=jnp.float32)
