@@ -36,6 +36,22 @@ def quick_compile(env: dict | None = None) -> dict:
   return env
 
 
+# Fake host devices share the machine's cores: on 2 busy cores one device thread can
+# reach a collective minutes after the others, and XLA's CPU runtime aborts a
+# collective that waits longer than its terminate timeout (a crash, not a failed
+# check). The fake-device subprocesses wait as long as their own test timeout.
+FAKE_DEVICE_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                                "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+
+
+def fake_devices(n: int, env: dict | None = None) -> dict:
+  """`env` (default: os.environ) whose XLA_FLAGS give JAX `n` CPU devices that may wait."""
+  env = dict(os.environ if env is None else env)
+  env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+                      f" {FAKE_DEVICE_COLLECTIVE_FLAGS}").strip()
+  return env
+
+
 def tiny_config(**moe_overrides) -> ml_collections.ConfigDict:
   """A 2-layer, d=32 MoE LM (E=4, k=2) on 16-token sequences."""
   c = default_config()

@@ -30,7 +30,7 @@ from moejax.moe import pool as pool_lib
 from moejax.moe.experts import ExpertWeights, get_family
 from moejax.moe.layer import EXPERT_MAP, MoELayer
 from moejax.validation import validate
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, fake_devices, tiny_config
 
 E, K, D, F = 4, 2, 16, 16  # experts per layer (window), top_k, d_model, expert_hidden
 
@@ -302,8 +302,8 @@ DEVICES = 4
 def test_expert_parallel_on_4_devices_equals_one_device():
   out = subprocess.run([sys.executable, "-m", "tests.moe.test_expert_pool"], cwd=REPO,
                        capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-                            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"})
+                       env=fake_devices(DEVICES, {**os.environ, "PYTHONPATH": REPO,
+                                                  "JAX_PLATFORMS": "cpu"}))
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   assert json.loads(out.stdout.strip().splitlines()[-1]) == {"checked": ["window"]}
 

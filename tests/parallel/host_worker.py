@@ -17,7 +17,8 @@ import sys
 
 def main(argv: list[str]) -> None:
   workdir, devices, n_proc, pid, port, stop_at = argv
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(devices)}"
+  from tests.conftest import fake_devices  # noqa: PLC0415
+  os.environ["XLA_FLAGS"] = fake_devices(int(devices), {})["XLA_FLAGS"]
   from moejax.parallel import distributed  # noqa: PLC0415
   distributed.initialize(f"127.0.0.1:{port}", int(n_proc), int(pid))
   import json  # noqa: PLC0415

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_devices
 from tests.parallel.test_training import losses
 
 
@@ -37,8 +37,7 @@ def start(workdir, devices: int, n_proc: int, pid: int, port: int, stop_at: int)
 
 def start_cli(workdir, pid: int, port: int):
   """Continue the run in `workdir` with its saved config through `python -m experiments`."""
-  env = {**os.environ, "PYTHONPATH": REPO,
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = fake_devices(4, {**os.environ, "PYTHONPATH": REPO})
   return subprocess.Popen(
       [sys.executable, "-m", "experiments", "--workdir", str(workdir),
        f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"],

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from tests.conftest import REPO, TINY_FLAGS
+from tests.conftest import REPO, TINY_FLAGS, fake_devices
 
 FIVE_STEPS = TINY_FLAGS + ["--config.model.dtype=float32", "--config.train.batch_size=16",
                            "--config.train.grad_accum_steps=2",
@@ -23,8 +23,7 @@ FIVE_STEPS = TINY_FLAGS + ["--config.model.dtype=float32", "--config.train.batch
 
 
 def start(workdir: str, devices: int, *extra: str) -> subprocess.Popen:
-  env = {**os.environ, "PYTHONPATH": REPO}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = fake_devices(devices, {**os.environ, "PYTHONPATH": REPO})
   return subprocess.Popen(
       [sys.executable, "-m", "experiments", "--config", os.path.join(REPO, "configs",
                                                                      "quickstart.py"),

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+from tests.conftest import fake_devices
+
+os.environ["XLA_FLAGS"] = fake_devices(8)["XLA_FLAGS"]
 
 import contextlib  # noqa: E402
 import json  # noqa: E402

@@ -24,7 +24,7 @@ import numpy as np
 import pallas_kernels
 from moejax.layers import dot
 from moejax.moe import experts as ex
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, fake_devices, tiny_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +107,7 @@ def test_family_trains_through_every_dispatcher(tmp_path):
   # ... and expert parallelism over 4 fake devices gives the same losses.
   out = subprocess.run([sys.executable, "-m", "tests.moe.experts.test_custom_family",
                         str(tmp_path / "ep")], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": REPO,
-                            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"},
+                       env=fake_devices(DEVICES, {**os.environ, "PYTHONPATH": REPO}),
                        timeout=900)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   ep = json.loads(out.stdout.strip().splitlines()[-1])

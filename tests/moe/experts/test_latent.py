@@ -22,7 +22,7 @@ from moejax.moe import experts as ex
 from moejax.moe.experts import quantized
 from moejax.validation import validate
 from tests.compress import reference as ref
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, fake_devices, tiny_config
 
 D, F, R = 8, 12, 4
 DEVICES = 4  # fake CPU devices of the expert-parallel subprocess
@@ -382,8 +382,8 @@ def test_expert_parallel_equals_one_device():
   single-device layer's, for dropless and capacity dispatch (subprocess)."""
   out = subprocess.run([sys.executable, "-m", "tests.moe.experts.test_latent"], cwd=REPO,
                        capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-                            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"})
+                       env=fake_devices(DEVICES, {**os.environ, "PYTHONPATH": REPO,
+                                                  "JAX_PLATFORMS": "cpu"}))
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["failures"] == [] and res["checked"] == 2 * 8, res  # y, 6 leaves, x
