@@ -41,6 +41,17 @@ per token:
   alf_decay: sigmoid_bias with the decaying step rate / sqrt(n), rate 1e-2
       (10x the constant default's first steps, 0.4x by step 600);
       compare with `sigmoid_bias` (constant rate 1e-3) on moe/layer*/load_cv.
+
+Routing-dynamics variants (schedules stepped by the trainer, moejax/schedules.py;
+docs/routers.md, "Routing on a schedule"):
+  smoe_dropout: a frozen random router, active experts ramped 1 -> 2 over the
+      first 300 steps (k_end = top_k = 2, the budget); no balancing or z-loss
+      (a frozen router gets no gradient from them). Score it at several k:
+      python tools/evaluate.py --run RUN --data FILE.jsonl --k 1,2
+  dts: the dense-to-sparse gate, temperature 2 -> 0.3 (exponential) over the
+      first 300 steps, then top-2. While annealing a token uses every expert
+      whose gate weight is >= 1e-3 (all 8 at first), so the first half costs
+      up to 4x the expert compute; flops_per_token counts all 8 experts.
 """
 
 from configs.quickstart import get_config as quickstart
@@ -49,12 +60,13 @@ ROUTERS = ("topk", "topk_noisy", "expert_choice", "soft", "sigmoid_bias", "group
            "group_limited_balanced", "recurrent", "relu", "null_experts", "top_p", "hash",
            "thor", "tsallis", "erc")
 BALANCING = ("bip", "bip_causal", "alf_decay")
+DYNAMICS = ("smoe_dropout", "dts")
 
 
 def get_config(name: str = "topk"):
-  if name not in ROUTERS + BALANCING:
+  if name not in ROUTERS + BALANCING + DYNAMICS:
     raise ValueError(f"configs/routers.py:{name}: unknown router variant; allowed: "
-                     f"{ROUTERS + BALANCING}")
+                     f"{ROUTERS + BALANCING + DYNAMICS}")
   c = quickstart("moe")
   c.name = f"router-{name}"
   m = c.moe
@@ -93,6 +105,15 @@ def get_config(name: str = "topk"):
   elif name == "thor":
     m.aux_loss_weight = 0.0  # no router scores: nothing to balance
     m.z_loss_weight = 0.0
+  elif name == "smoe_dropout":
+    m.aux_loss_weight = 0.0  # the frozen router learns nothing from a balancing loss
+    m.z_loss_weight = 0.0
+    m.smoe_dropout.update(k_start=1, k_end=m.top_k, ramp_begin=0,
+                          ramp_stop=c.train.steps // 2)
+  elif name == "dts":
+    m.dts.update(temperature_start=2.0, temperature_end=0.3, anneal_begin=0,
+                 anneal_stop=c.train.steps // 2, anneal_shape="exponential",
+                 threshold=1e-3)
   elif name == "tsallis":
     m.router = "topk"
     m.router_entropy.kind = "tsallis"

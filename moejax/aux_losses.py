@@ -37,14 +37,20 @@ class AuxLoss:
 
 
 def total(losses: dict[str, jax.Array], specs: dict[str, AuxLoss],
-          cfg: ml_collections.ConfigDict) -> jax.Array:
-  """sum over losses of weight * sum over layers (float32)."""
+          cfg: ml_collections.ConfigDict,
+          scheduled: dict[str, jax.Array] | None = None) -> jax.Array:
+  """sum over losses of weight * sum over layers (float32); a weight key in `scheduled`
+  (the step's `moejax.schedules.values`) takes its scheduled value instead."""
   unknown = sorted(set(losses) - set(specs))
   if unknown:
     raise ValueError(f"auxiliary losses {unknown} are reported but not declared; "
                      f"declared: {sorted(specs)}")
   out = jnp.zeros((), jnp.float32)
   for name, v in losses.items():
+    key = specs[name].weight
+    if scheduled is not None and key in scheduled:
+      out = out + scheduled[key] * jnp.sum(v.astype(jnp.float32))
+      continue
     w = specs[name].weight_value(cfg)
     if w:
       out = out + w * jnp.sum(v.astype(jnp.float32))

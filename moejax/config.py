@@ -211,6 +211,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.thor.inference = "average"  # "average" (all experts, weight 1/E) or "single" (hashed id)
   c.moe.thor.consistency_weight = 1.0  # weight of the symmetric KL between the two passes
   c.moe.thor.seed = 0  # inference="single": seed of the token-id hash
+  # SMoE-Dropout (moejax/moe/routers/smoe_dropout.py): a frozen random router whose
+  # active experts per token ramp from k_start to k_end (= moe.top_k) over training.
+  c.moe.smoe_dropout = ml_collections.ConfigDict()
+  c.moe.smoe_dropout.k_start = 1  # active experts per token at step <= ramp_begin
+  c.moe.smoe_dropout.k_end = 2  # at step >= ramp_stop; must equal moe.top_k (the slots)
+  c.moe.smoe_dropout.ramp_begin = 0  # optimizer step the ramp starts
+  c.moe.smoe_dropout.ramp_stop = 1000  # optimizer step it reaches k_end
+  c.moe.smoe_dropout.ramp_shape = "linear"  # moejax/schedules.py: linear, cosine, step
+  c.moe.smoe_dropout.eval_k = 0  # experts per token at inference (0 = k_end)
+  # Dense-to-sparse gate (moejax/moe/routers/dts.py, EvoMoE): Gumbel-softmax gate whose
+  # temperature anneals from dense (every expert above the threshold) to top-k.
+  c.moe.dts = ml_collections.ConfigDict()
+  c.moe.dts.temperature_start = 2.0  # gate temperature at step <= anneal_begin
+  c.moe.dts.temperature_end = 0.3  # at step >= anneal_stop
+  c.moe.dts.anneal_begin = 0
+  c.moe.dts.anneal_stop = 1000  # from here on training routes top-k (moe.top_k)
+  c.moe.dts.anneal_shape = "exponential"  # moejax/schedules.py shapes
+  c.moe.dts.threshold = 0.001  # while annealing, experts with gate weight >= this are used
+  c.moe.dts.gumbel = True  # Gumbel noise on the training logits (the paper's sampling)
   # Entropy of the router probabilities as an auxiliary loss (moejax/moe/router_entropy.py).
   c.moe.router_entropy = ml_collections.ConfigDict()
   c.moe.router_entropy.kind = "none"  # "none", "shannon" or "tsallis"
@@ -269,7 +288,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.init.grow_batches = 4  # grow_select="importance": training batches that score experts
   c.init.grow_noise = 0.0  # std of the noise added to the duplicated router columns
   c.init.step = -1  # checkpoint step of the source run (-1 = newest)
+
+  # Loss-weight schedules (moejax/schedules.py): schedules.<name> = {key: a loss-weight
+  # key such as "moe.aux_loss_weight", shape, start, end, begin, stop}; empty = constant.
+  c.schedules = ml_collections.ConfigDict()
   return c
+
+
+FREE_GROUPS = ("schedules",)  # groups whose entries are named by the user (checked by owner)
 
 
 def check_keys(cfg, ref=None, prefix: str = "") -> None:
@@ -284,7 +310,8 @@ def check_keys(cfg, ref=None, prefix: str = "") -> None:
     if isinstance(want, ml_collections.ConfigDict):
       if not isinstance(got, ml_collections.ConfigDict):
         fail(path, got, "must be a group of keys")
-      check_keys(got, want, path + ".")
+      if path not in FREE_GROUPS:
+        check_keys(got, want, path + ".")
     elif not _same_type(want, got):
       fail(path, got, f"must be of type {type(want).__name__}")
 

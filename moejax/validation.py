@@ -3,13 +3,14 @@
 The checks live next to the components they check; this module only runs
 them, in the order a reader fixes a config (keys and types first, then the
 model, training, data, mesh, MoE layer with its router and expert family,
-adapters, and last the source runs, which are read from disk).
+adapters, the source runs, which are read from disk, and last the schedules).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from moejax import schedules
 from moejax.config import check_keys
 from moejax.init import checks as init_checks
 from moejax.model import transformer
@@ -30,3 +31,4 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   moe_layer.check_config(cfg)
   adapters.check_config(cfg)
   init_checks.check_config(cfg)
+  schedules.check_config(cfg)

@@ -21,7 +21,7 @@ def test_architecture_variants_validate(name):
   assert math.isfinite(counting.flops_per_token(cfg)) and counting.flops_per_token(cfg) > 0
 
 
-@pytest.mark.parametrize("name", routers.ROUTERS)
+@pytest.mark.parametrize("name", routers.ROUTERS + routers.BALANCING + routers.DYNAMICS)
 def test_router_variants_validate(name):
   validate(routers.get_config(name))
 

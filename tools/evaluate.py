@@ -1,7 +1,7 @@
 """Score a run's checkpoint on a JSONL file: mean NLL, tokens and bits per byte.
 
     python tools/evaluate.py --run RUN_DIR --data FILE.jsonl [--step N] [--json OUT] \
-        [--skip-threshold TAU]
+        [--skip-threshold TAU] [--k 1,2,4]
 
 Each line of FILE is {"text": "..."} (tokenized with the run's data.tokenizer,
 its BOS/EOS rules applied) or {"tokens": [ids]} (used exactly as given: the NLL
@@ -13,7 +13,11 @@ transformers (tests/eval). --skip-threshold TAU scores with dynamic expert
 skipping (moe.skip_threshold, moejax/moe/skipping.py: a token's choices with
 combine weight below TAU are not computed, except its heaviest) and adds
 "skip_threshold", "expert_calls" and "skipped_fraction" (measured over the
-real tokens of every MoE layer, against moe.top_k calls per token).
+real tokens of every MoE layer, against moe.top_k calls per token). --k K1,K2,...
+scores the run once per number of experts per token (a self-slimmable SMoE-Dropout
+run at moe.smoe_dropout.eval_k = K, any other router at moe.top_k = K) and adds
+"by_k": [{"k", "mean_nll", "tokens", "bits_per_byte"}, ...]; the top-level numbers
+stay those of the run's own setting.
 """
 
 from __future__ import annotations
@@ -26,6 +30,34 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def k_configs(cfg, spec: str) -> list:
+  """[(k, cfg at k experts per token)] for --k `spec`; ValueError naming --k for bad k."""
+  from moejax.checks import ConfigError  # noqa: PLC0415
+  from moejax.validation import validate  # noqa: PLC0415
+
+  try:
+    ks = [int(v) for v in spec.split(",") if v.strip()]
+  except ValueError:
+    ks = []
+  if not ks or min(ks) < 1:
+    raise ValueError(f"--k {spec!r}: allowed: comma-separated positive integers, e.g. 1,2,4")
+  if not cfg.moe.enabled:
+    raise ValueError(f"--k {spec!r}: the run is a dense model (moe.enabled=False)")
+  out = []
+  for k in ks:
+    c = cfg.copy_and_resolve_references()
+    if c.moe.router == "smoe_dropout":
+      c.moe.smoe_dropout.eval_k = k
+    else:
+      c.moe.top_k = k
+    try:
+      validate(c)
+    except ConfigError as e:
+      raise ValueError(f"--k {k}: {e}") from None
+    out.append((k, c))
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--run", required=True, help="run directory (config.json + checkpoints/)")
@@ -35,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")
   p.add_argument("--skip-threshold", type=float, default=None, metavar="TAU",
                  help="dynamic expert skipping: skip choices below this weight, in [0, 1)")
+  p.add_argument("--k", default=None, metavar="K1,K2,...",
+                 help="also score at these experts per token (comma-separated integers)")
   args = p.parse_args(argv)
 
   from moejax.eval import read_jsonl, score  # noqa: PLC0415
@@ -59,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     params, collections, step = load_run(args.run, args.step)
     variables = {"params": params, **collections}
     result = score(cfg, variables, records, args.batch_size)
+    by_k = {}
+    if args.k is not None:
+      by_k = {"by_k": [{"k": k, **score(cfg_k, variables, records, args.batch_size).summary()}
+                       for k, cfg_k in k_configs(cfg, args.k)]}
     skipping = {}
     if args.skip_threshold is not None:
       from moejax.eval.expert_calls import skipped_calls  # noqa: PLC0415
@@ -68,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  out = {**result.summary(), "records": len(records), "step": int(step), **skipping}
+  out = {**result.summary(), "records": len(records), "step": int(step), **skipping, **by_k}
   print(json.dumps(out))
   if args.json:
     with open(args.json, "w") as f:

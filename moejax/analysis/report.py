@@ -16,8 +16,8 @@ import numpy as np
 from moejax.analysis import adaptive, coactivation, load, locality, saturation, specialization
 from moejax.analysis.routing import Routing, capture, checkpoint_steps, load_model
 from moejax.analysis.plotting import token_label
+from moejax.moe.routers import get_router
 
-ADAPTIVE_ROUTERS = ("top_p", "relu", "null_experts", "expert_choice")
 
 
 def default_segment_lens(seq_len: int) -> list[int]:
@@ -170,7 +170,7 @@ def analyze(run_dir: str, out_dir: str, *, step: int | None = None, num_batches:
   res["experts_per_token"] = r.tokens(r.experts_per_token()).mean(-1)
   res["experts_by_position"], res["experts_by_frequency"] = pos, freq
   plot("experts_per_token.png", adaptive.plot_adaptive, pos, edges, freq, layers)
-  note = ("" if r.router in ADAPTIVE_ROUTERS else
+  note = ("" if get_router(r.router).adaptive else
           f" (router `{r.router}` selects a fixed number per token)")
   lines += ["## Experts per token (experts_per_token.png)", "",
             f"Mean over tokens, first and last positions, rarest and most frequent "

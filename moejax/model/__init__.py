@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax import schedules
 from moejax.model.counting import flops_per_token, param_counts
 from moejax.model.transformer import TransformerLM
 
@@ -33,12 +34,15 @@ def init(rng: jax.Array, cfg: ml_collections.ConfigDict) -> dict:
 
 
 def apply(variables: dict, ids_BxL: jax.Array, cfg: ml_collections.ConfigDict,
-          *, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """(logits [B, L, V] float32, aux). With `rng` the model runs in training mode."""
+          *, rng: jax.Array | None = None, step: int | jax.Array = 0
+          ) -> tuple[jax.Array, dict]:
+  """(logits [B, L, V] float32, aux). With `rng` the model runs in training mode, its
+  training-time schedules (moejax/schedules.py) at optimizer step `step`."""
   fn = _jitted(ml_collections.FrozenConfigDict(cfg), rng is None, "apply")
   if rng is None:
     return fn(variables, ids_BxL)
-  return fn(variables, ids_BxL, rngs={"router": rng})
+  sv = schedules.values(schedules.all_schedules(cfg), jnp.asarray(step, jnp.int32))
+  return fn(variables, ids_BxL, rngs={"router": rng}, schedule=sv)
 
 
 __all__ = ["TransformerLM", "apply", "flops_per_token", "init", "make_model",

@@ -47,6 +47,7 @@ from moejax.moe.adapters import make_adapter
 from moejax.moe.experts import ExpertWeights, get_family
 from moejax.moe.experts.quantized import COLLECTION as QUANT
 from moejax.moe.routers import get_router
+from moejax.schedules import SCHEDULE
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("mha", "mla")
@@ -266,6 +267,10 @@ class TransformerLM(nn.Module):
   MoE column (`layout.moe_columns`: a scanned run of identical MoE layers), each as
   above over that column's layers.
 
+  `schedule` ({config key: float32 scalar}, `moejax.schedules.values`) holds the values
+  of the training-time schedules at the step being trained; the MoE layers' routers read
+  theirs from it. None (evaluation, decoding): routers route by their inference settings.
+
   With `cache_len` M > 0 the model is a cached decoder (moejax/inference/decode.py):
   `__call__(ids, positions_BxL=..., valid_BxL=..., cache_index=...)` runs the
   new tokens ids [B, L] at cache slots cache_index..cache_index+L-1 over the
@@ -279,8 +284,8 @@ class TransformerLM(nn.Module):
 
   @nn.compact
   def __call__(self, ids_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               valid_BxL: jax.Array | None = None, cache_index: jax.Array | None = None
-               ) -> tuple[jax.Array, dict]:
+               valid_BxL: jax.Array | None = None, cache_index: jax.Array | None = None,
+               schedule: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
     m = self.cfg.model
     dec = None
     if self.cache_len:
@@ -303,6 +308,8 @@ class TransformerLM(nn.Module):
       b, l = ids_BxL.shape
       carry = (x, router.init_carry(b * l, self.cfg.moe))
       shared = router.make_shared(self, m.d_model, self.cfg.moe)
+      if schedule is not None and router.schedules(self.cfg.moe):  # read by `scheduled`
+        shared = {**shared, SCHEDULE: schedule}
       if pool_lib.enabled(self.cfg.moe):  # one set of experts for every MoE layer
         pool = pool_lib.ExpertPool(
             get_family(self.cfg.moe), pool_lib.pool_size(self.cfg), self.cfg.moe.expert_hidden,

@@ -14,10 +14,15 @@ def lr_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
 
 
+FROZEN_PREFIX = "frozen_"  # leaves a module reads under stop_gradient (never trained)
+
+
 def decay_mask(params):
-  """Weight decay on weight matrices, not on norm gains (leaves named `scale`)."""
+  """Weight decay on weight matrices, not on norm gains (leaves named `scale`) nor on
+  frozen leaves (named `frozen_*`: no gradient and no decay leave them unchanged)."""
   def keep(path, _):
-    return getattr(path[-1], "key", None) != "scale"
+    name = str(getattr(path[-1], "key", ""))
+    return name != "scale" and not name.startswith(FROZEN_PREFIX)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

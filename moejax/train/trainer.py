@@ -29,6 +29,7 @@ import optax
 from moejax import aux_losses as aux_lib
 from moejax import layout
 from moejax import model as lm
+from moejax import schedules as schedules_lib
 from moejax.analysis import online as routing_online
 from moejax.config import config_changes
 from moejax.init import hooks as init_hooks
@@ -74,9 +75,11 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   return jnp.sum(nats * weights_BxL) / jnp.sum(weights_BxL)
 
 
-def total_loss(ce: jax.Array, aux: dict, cfg: ml_collections.ConfigDict) -> jax.Array:
-  """Cross-entropy plus every auxiliary loss, weighted by its declared config key."""
-  return ce + aux_lib.total(aux["losses"], declared_aux_losses(cfg), cfg)
+def total_loss(ce: jax.Array, aux: dict, cfg: ml_collections.ConfigDict,
+               scheduled: dict[str, jax.Array] | None = None) -> jax.Array:
+  """Cross-entropy plus every auxiliary loss, weighted by its declared config key (or that
+  key's scheduled value at this step)."""
+  return ce + aux_lib.total(aux["losses"], declared_aux_losses(cfg), cfg, scheduled)
 
 
 def reduce_metrics(metrics: dict, cfg: ml_collections.ConfigDict, axis: int = 0) -> dict:
@@ -116,7 +119,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
   passes' mean cross-entropy.
   """
   model = lm.make_model(cfg, deterministic=False)
-  schedule = lr_schedule(cfg.train)
+  lr_at = lr_schedule(cfg.train)
   frozen_base = adapters.adapters_cfg(cfg) is not None
   distill = distill_lib.settings(cfg)
   if (distill is None) != (teacher is None):
@@ -125,40 +128,41 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
                      "distill_lib.load_teacher(cfg) exactly when the config names a teacher")
   teacher_logits = None if teacher is None else distill_lib.logits_fn(teacher.cfg)
   consistency = consistency_of(cfg)
+  scheds = schedules_lib.all_schedules(cfg)
 
-  def forward(params, collections, batch, rng, t_logits):
+  def forward(params, collections, batch, rng, t_logits, sv):
     """(logits, LM loss, cross-entropy, aux) of one pass (aux["kd_loss"] when distilling)."""
     logits, aux = model.apply({"params": params, **collections}, batch["inputs"],
-                              rngs={"router": rng})
+                              rngs={"router": rng}, schedule=sv)
     ce = cross_entropy(logits, batch["targets"], batch.get("weights"))
     if distill is None:
       return logits, ce, ce, aux
     kd = distill_lib.kd_loss(logits, t_logits, distill.temperature, batch.get("weights"))
     return logits, distill_lib.combined_loss(ce, kd, distill.alpha), ce, {**aux, "kd_loss": kd}
 
-  def loss_fn(params, collections, batch, rng, teacher_vars=None):
+  def loss_fn(params, collections, batch, rng, teacher_vars, sv):
     if frozen_base:  # moe.adapters: no gradient reaches the base model
       params = adapters.freeze_base(params)
     t_logits = None if distill is None else teacher_logits(teacher_vars, batch["inputs"])
     if consistency is None:
-      _, lm_loss, ce, aux = forward(params, collections, batch, rng, t_logits)
-      return total_loss(lm_loss, aux, cfg), (ce, aux)
+      _, lm_loss, ce, aux = forward(params, collections, batch, rng, t_logits, sv)
+      return total_loss(lm_loss, aux, cfg, sv), (ce, aux)
     # Two passes, independent "router" rngs (THOR: independent random experts).
     rng_a, rng_b = jax.random.split(rng)
-    logits_a, lm_a, ce_a, aux_a = forward(params, collections, batch, rng_a, t_logits)
-    logits_b, lm_b, ce_b, aux_b = forward(params, collections, batch, rng_b, t_logits)
+    logits_a, lm_a, ce_a, aux_a = forward(params, collections, batch, rng_a, t_logits, sv)
+    logits_b, lm_b, ce_b, aux_b = forward(params, collections, batch, rng_b, t_logits, sv)
     sym = symmetric_kl(logits_a, logits_b, batch.get("weights"))
     aux = mean_of_passes(aux_a, aux_b, cfg)
     aux["consistency_loss"] = sym
     lm_loss = (lm_a + lm_b) / 2 + consistency.weight_value(cfg) * sym
-    return total_loss(lm_loss, aux, cfg), ((ce_a + ce_b) / 2, aux)
+    return total_loss(lm_loss, aux, cfg, sv), ((ce_a + ce_b) / 2, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   n = cfg.train.grad_accum_steps
   global_counts = "global_batch" in balance_kinds(cfg.moe) and cfg.moe.enabled
   columns = layout.moe_columns(cfg)  # a scheduled model's stats come per MoE column
 
-  def accumulated(params, collections, batch, rng, teacher_vars=None):
+  def accumulated(params, collections, batch, rng, teacher_vars, sv):
     """Gradients of the mean loss over n micro-batches, one at a time.
 
     With global-batch balancing, a first forward pass over all micro-batches
@@ -170,7 +174,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
     if global_counts:
       def layer_counts(mb, r):
         _, aux = model.apply({"params": params, **collections}, mb["inputs"],
-                             rngs={"router": r})
+                             rngs={"router": r}, schedule=sv)
         return aux["balance_counts"]  # [num_moe_layers, choices] (or one per MoE column)
 
       def count(acc, xs):
@@ -188,7 +192,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
 
     def body(acc, xs):
       mb, r = xs
-      (l, (ce, aux)), g = grad_fn(params, collections, mb, r, teacher_vars)
+      (l, (ce, aux)), g = grad_fn(params, collections, mb, r, teacher_vars, sv)
       return jax.tree.map(jnp.add, acc, g), (l, ce, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -204,9 +208,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
 
   def step_fn(state: State, batch: dict, teacher_vars=None) -> tuple[State, dict]:
     rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
+    sv = schedules_lib.values(scheds, state["step"])  # a function of the restored step
     fn = grad_fn if n == 1 else accumulated
     (loss, (ce, aux)), grads = fn(state["params"], state["collections"], batch, rng,
-                                  teacher_vars)
+                                  teacher_vars, sv)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -223,11 +228,12 @@ def make_train_step(cfg: ml_collections.ConfigDict, tx: optax.GradientTransforma
                  "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
                  "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32)}
     metrics = {"train/loss": ce, "train/total_loss": loss, "train/grad_norm": grad_norm,
-               "train/lr": schedule(state["step"]),
+               "train/lr": lr_at(state["step"]),
                "train/skipped_steps": new_state["skipped_steps"]}
     for key in ("kd_loss", "consistency_loss"):
       if key in aux:
         metrics[f"train/{key}"] = aux[key]
+    metrics.update({f"schedule/{k}": v for k, v in sv.items()})
     for k, v in aux["losses"].items():  # unweighted, summed over the layers reporting it
       metrics[f"train/{k}"] = jnp.sum(v)
     specs = declared_aux_losses(cfg)

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from moejax import schedules
 from moejax import analysis
 from moejax import model as lm
 from moejax.analysis import routing as routing_lib
@@ -60,9 +61,11 @@ def test_routing_conversion_matches_training_forward(router):
   b, l = ids.shape
   x = jnp.asarray(np.random.default_rng(5).standard_normal((b, l, 32)), jnp.float32)
   key = jax.random.key(0)
+  scheds = schedules.all_schedules(cfg)  # a scheduled router's values at step 0
+  shared = {schedules.SCHEDULE: schedules.values(scheds, 0)} if scheds else None
   (_, aux, _), variables = jax.jit(lambda x, i: layer.init_with_output(
       {"params": key, "router": key}, x, token_ids_BxL=i, deterministic=False,
-      mutable=True))(x, jnp.asarray(ids))
+      shared=shared, mutable=True))(x, jnp.asarray(ids))
   sown = jax.tree.map(lambda a: np.asarray(a)[None],  # one layer: N = 1
                       jax.device_get(variables["intermediates"]["routing"][0]))
   w, sel, probs, disp = routing_lib.dense_routing(sown, b, l, 4, cfg.moe.top_k)

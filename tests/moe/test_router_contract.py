@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from moejax import model as lm
+from moejax import schedules
 from moejax.config import default_config
 from moejax.moe import MoELayer
 from moejax.moe.layer import aux_losses, metric_schema
@@ -30,6 +31,8 @@ from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.routers import ROUTERS, get_router
 from moejax.moe.routers import expert_choice as ec
 from moejax.moe.types import Assignment, SoftAssignment
+from moejax.schedules import SCHEDULE
+from moejax.train.optimizer import FROZEN_PREFIX
 from tests.conftest import tiny_config
 
 B, L, D, F, E, K = 2, 6, 8, 16, 4, 2
@@ -61,6 +64,16 @@ def _top_p_count(cfg, probs_TxE):
   return n
 
 
+def _live_per_token(out, t, lo, hi):
+  """The valid slots, each token with between lo and hi (its live choices come first)."""
+  a = out.assignment
+  live_TxC = np.asarray(a.valid).reshape(-1, t).T
+  per_token = live_TxC.sum(1)
+  assert np.all(per_token >= lo) and np.all(per_token <= hi), per_token
+  assert np.all(live_TxC[:, :-1] >= live_TxC[:, 1:]), "a live choice after a dead one"
+  return int(per_token.sum())
+
+
 # Router name -> number of valid slots, from (moe config, RouterOutput, B, L).
 VALID_RULES = {
     "topk": lambda cfg, out, b, l: b * l * cfg.top_k,
@@ -79,6 +92,10 @@ VALID_RULES = {
     "bip_causal": lambda cfg, out, b, l: b * l * cfg.top_k,
     "recurrent": lambda cfg, out, b, l: b * l * cfg.top_k,
     # Every positive gate, less the overflow past relu.max_k.
+    # The first k_t choices of every token (k_t on the ramp; eval_k = k_end at eval).
+    "smoe_dropout": lambda cfg, out, b, l: _live_per_token(out, b * l, 1, cfg.top_k),
+    # While annealing: every expert over the threshold, at least the best; eval: top-k.
+    "dts": lambda cfg, out, b, l: _live_per_token(out, b * l, 1, cfg.num_experts),
     "relu": lambda cfg, out, b, l: round(float(out.state_stats["active"])
                                          * (1 - float(out.metrics["overflow_fraction"]))),
 }
@@ -97,7 +114,10 @@ VARIANTS = {
                      {"sigmoid_bias.update_rule": "proportional",
                       "sigmoid_bias.schedule": "inv_sqrt"}],
     "zero_experts": [{"zero_experts.target": 1.5, "zero_experts.renormalize": False}],
+    "smoe_dropout": [{"smoe_dropout.ramp_stop": 0}],  # past the ramp: k_end experts
+    "dts": [{"dts.anneal_stop": 0}, {"dts.gumbel": False}],  # sparse top-k; no noise
 }
+STEP = 3  # the optimizer step whose schedule values training mode uses
 # Capacity dispatch must drop nothing to equal `dense`: E / k suffices for
 # token-choice routers (each token uses an expert at most once); expert
 # choice already fills every expert exactly with capacity_factor = 1.
@@ -221,18 +241,23 @@ def test_router_contract(name, overrides):
   variables = _random_params(lambda k: layers["dense"].init(k, x, token_ids_BxL=ids))
   r = jnp.asarray(np.random.default_rng(2).standard_normal((B, L, D)), jnp.float32)
 
+  # A router's schedules reach it, as in the model, in the dict shared by the layers.
+  scheds = cls.schedules(cfg)
+  shared = {SCHEDULE: schedules.values(scheds, STEP)} if scheds else None
+
   @jax.jit
   def run(variables, key):
     rv = {c: tree["router"] for c, tree in variables.items() if "router" in tree}
     alone = (router.apply(rv, x_TxD, shape_BxL=(B, L), token_ids=ids_T),
              router.apply(rv, x_TxD, shape_BxL=(B, L), token_ids=ids_T,
-                          deterministic=False, rngs={"router": key}))
+                          deterministic=False, rngs={"router": key}, shared=shared))
     outs = {d: layer.apply(variables, x, token_ids_BxL=ids)[:2]
             for d, layer in layers.items()}
 
     def objective(p):
       y, aux, _ = layers["dense"].apply({**variables, "params": p}, x, token_ids_BxL=ids,
-                                        deterministic=False, rngs={"router": key})
+                                        deterministic=False, rngs={"router": key},
+                                        shared=shared)
       return jnp.sum(y * r) + sum(jnp.sum(v) for v in aux["losses"].values())
 
     return alone, outs, jax.grad(objective)(variables["params"])
@@ -278,6 +303,9 @@ def test_router_contract(name, overrides):
     if path[-1].key in NO_GRAD_ALONE.get(name, ()):
       continue
     g = np.asarray(g)
+    if str(path[-1].key).startswith(FROZEN_PREFIX):  # read under stop_gradient
+      assert np.all(g == 0), jax.tree_util.keystr(path)
+      continue
     assert np.all(np.isfinite(g)) and np.any(g != 0), jax.tree_util.keystr(path)
 
 

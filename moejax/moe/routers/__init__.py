@@ -47,5 +47,7 @@ from moejax.moe.routers import soft as _soft  # noqa: E402,F401
 from moejax.moe.routers import thor as _thor  # noqa: E402,F401
 from moejax.moe.routers import bip as _bip  # noqa: E402,F401
 from moejax.moe.routers import zero_experts as _zero_experts  # noqa: E402,F401
+from moejax.moe.routers import smoe_dropout as _smoe_dropout  # noqa: E402,F401
+from moejax.moe.routers import dts as _dts  # noqa: E402,F401
 
 __all__ = ["ROUTERS", "RouterOutput", "get_router", "register"]

@@ -27,6 +27,9 @@ training
                        "router" rngs, takes the mean of their losses and
                        adds its weight key's value times `symmetric_kl` of
                        the two passes' next-token distributions (THOR)
+  schedules(cfg_moe)   {dotted config key: moejax.schedules.Schedule} of the
+                       values it reads per training step (a k ramp, a
+                       temperature), through `scheduled(shared, key)`
   expert_embedding(cfg_moe)  None, or params -> [E, D]: each expert's
                        embedding in the token space, read from the router's
                        params (the ERC loss's proxy tokens, moejax/moe/erc.py)
@@ -62,6 +65,7 @@ from moejax.layers import fan_in_init
 from moejax.moe.metrics import Metric
 from moejax.moe.types import Assignment, SoftAssignment
 from moejax.moe.zero_experts import ZeroComputation
+from moejax.schedules import Schedule
 
 
 @flax.struct.dataclass
@@ -139,6 +143,12 @@ class Router(nn.Module):
     """The two-pass consistency training it needs (the `moe` config), or None."""
     del cfg_moe
     return None
+
+  @classmethod
+  def schedules(cls, cfg_moe) -> dict[str, Schedule]:
+    """{config key: Schedule} of the values it reads each training step (the `moe` config)."""
+    del cfg_moe
+    return {}
 
   @classmethod
   def expert_embedding(cls, cfg_moe) -> Callable[[dict], jax.Array] | None:
