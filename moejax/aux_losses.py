@@ -47,11 +47,10 @@ def total(losses: dict[str, jax.Array], specs: dict[str, AuxLoss],
                      f"declared: {sorted(specs)}")
   out = jnp.zeros((), jnp.float32)
   for name, v in losses.items():
-    key = specs[name].weight
-    if scheduled is not None and key in scheduled:
-      out = out + scheduled[key] * jnp.sum(v.astype(jnp.float32))
-      continue
-    w = specs[name].weight_value(cfg)
-    if w:
-      out = out + w * jnp.sum(v.astype(jnp.float32))
+    w = (scheduled or {}).get(specs[name].weight)  # traced: always added
+    if w is None:
+      w = specs[name].weight_value(cfg)
+      if not w:
+        continue
+    out = out + w * jnp.sum(v.astype(jnp.float32))
   return out

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from moejax.checks import fail, positive
 from moejax.moe.routers import register
 from moejax.moe.routers.base import Router, RouterOutput, gate_logits
+from moejax.moe.routers.topk import topk_route
 from moejax.moe.types import Assignment
 from moejax.schedules import Schedule, scheduled
 
@@ -66,10 +67,9 @@ def dts_route(logits_TxE: jax.Array, noise_TxE: jax.Array | None, temperature: j
 
 
 def inference_route(logits_TxE: jax.Array, temperature: float, k: int) -> Assignment:
-  """Top k of the clean logits, weights softmax(logits / temperature) at the k."""
-  gate_TxE = jax.nn.softmax(logits_TxE.astype(jnp.float32) / temperature, axis=-1)
-  w_TxK, e_TxK = jax.lax.top_k(gate_TxE, k)
-  return Assignment.from_choices(e_TxK, w_TxK)
+  """Top k of the clean logits, weights softmax(logits / temperature) at the k (Switch's
+  softmax-then-top-k of the tempered logits)."""
+  return topk_route(logits_TxE.astype(jnp.float32) / temperature, k)[0]
 
 
 @register("dts")
